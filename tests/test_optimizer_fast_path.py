@@ -1,0 +1,121 @@
+"""The multi-tensor step() against the plain per-tensor reference step it must reproduce."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim_cases import run_trajectory
+from ppsf_optim import ProdigyPlusScheduleFree, multi_tensor
+
+FAST_PATH_OPTIONS = [
+    {},
+    {"factored": False},
+    {"eps": None},
+    {"use_bias_correction": True},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.05, "weight_decay_by_lr": False},
+    {"prodigy_steps": 6},
+    {"use_stableadamw": False},
+    {"split_groups": False},
+    {"d_limiter": True, "schedulefree_c": 8.0},
+]
+
+
+def _reference_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multi_tensor, "supports", lambda group, params: False)
+
+
+def _used_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = []
+    original = multi_tensor.step_group
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(multi_tensor, "step_group", counting)
+    return calls
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(
+    "option", FAST_PATH_OPTIONS, ids=lambda o: ",".join(map(str, o.items())) or "defaults"
+)
+def test_fast_path_equals_reference_fp32(option: dict, groups: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        calls = _used_fast_path(m)
+        fast = run_trajectory(lambda p: ProdigyPlusScheduleFree(p, **option), groups=groups)
+        assert calls, "the multi-tensor path was not used"
+    _reference_only(monkeypatch)
+    reference = run_trajectory(lambda p: ProdigyPlusScheduleFree(p, **option), groups=groups)
+    for a, b in zip(fast[0], reference[0]):
+        assert a == pytest.approx(b, rel=1e-5)
+    for name in reference[1]:
+        torch.testing.assert_close(fast[1][name], reference[1][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast[2][name], reference[2][name], rtol=1e-5, atol=1e-6)
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 values at |x| (8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.float().abs().clamp_min(1e-30)))
+    return torch.pow(2.0, exponent - 7)
+
+
+def test_fast_path_equals_reference_bf16_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the same state, one bf16 step of each path lands within two bf16 steps of the other: both round
+    (nearly) the same fp32 result stochastically, with different random draws, to one of its neighbours."""
+    from optim_cases import gradient_stream, make_params, param_groups
+
+    _reference_only(monkeypatch)
+    params = make_params(torch.bfloat16)
+    warm = ProdigyPlusScheduleFree(param_groups(params, 2), d0=1e-3)
+    set_grads = gradient_stream(params)
+    for t in range(6):
+        set_grads(t)
+        warm.step()
+    set_grads(0)
+    saved_state, saved_weights = warm.state_dict(), {k: p.detach().clone() for k, p in params.items()}
+    monkeypatch.undo()
+
+    results = {}
+    for path in ("fast", "reference"):
+        if path == "reference":
+            _reference_only(monkeypatch)
+        for k, p in params.items():
+            p.data.copy_(saved_weights[k])
+        optimizer = ProdigyPlusScheduleFree(param_groups(params, 2), d0=1e-3)
+        optimizer.load_state_dict(copy.deepcopy(saved_state))  # loading aliases the dict's tensors
+        optimizer.step()
+        results[path] = {k: p.detach().clone() for k, p in params.items()}
+    moved = 0
+    for name, fast in results["fast"].items():
+        reference = results["reference"][name]
+        gap = (fast.float() - reference.float()).abs()
+        assert torch.all(gap <= 2 * _bf16_ulp(torch.maximum(fast.float().abs(), reference.float().abs()))), (
+            name
+        )
+        moved += int((fast != saved_weights[name]).sum())
+    assert moved > 100, "the step should have changed many weights"
+
+
+def test_fast_path_tracks_reference_bf16_over_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = run_trajectory(lambda p: ProdigyPlusScheduleFree(p, d0=1e-3), groups=2, dtype=torch.bfloat16)
+    _reference_only(monkeypatch)
+    reference = run_trajectory(lambda p: ProdigyPlusScheduleFree(p, d0=1e-3), groups=2, dtype=torch.bfloat16)
+    assert fast[0][-1] == pytest.approx(reference[0][-1], rel=0.05)
+    for name in reference[1]:
+        assert fast[1][name].dtype == torch.bfloat16
+        torch.testing.assert_close(fast[1][name].float(), reference[1][name].float(), rtol=0.05, atol=0.05)
+
+
+def test_large_tensors_are_split_into_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multi_tensor, "MAX_BATCH_ELEMENTS", 100)
+    small = run_trajectory(lambda p: ProdigyPlusScheduleFree(p), groups=1)
+    monkeypatch.undo()
+    _reference_only(monkeypatch)
+    reference = run_trajectory(lambda p: ProdigyPlusScheduleFree(p), groups=1)
+    for name in reference[1]:
+        torch.testing.assert_close(small[1][name], reference[1][name], rtol=1e-5, atol=1e-6)
