@@ -119,20 +119,25 @@ class _Batch:
 
 
 class BatchPlan:
-    """The batches of one group for the current set of parameters with gradients, rebuilt when it changes."""
+    """The batches of one group for each set of parameters stepped together (the whole group, or the
+    buckets of the fused backward pass), kept while the parameters' state tensors stay the same."""
+
+    MAX_PLANS = 256
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self.batches: list[_Batch] = []
+        self._plans: dict[tuple, list[_Batch]] = {}
 
     def batches_for(
         self, params: list[torch.Tensor], states: list[dict], prodigy_active: bool
     ) -> list[_Batch]:
         key = (prodigy_active, *(id(st["z"]) for st in states), *(id(st.get("s")) for st in states))
-        if key != self._key:
-            self.batches = [_Batch(indices, states, prodigy_active) for indices in _batches(params)]
-            self._key = key
-        return self.batches
+        batches = self._plans.get(key)
+        if batches is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            batches = [_Batch(indices, states, prodigy_active) for indices in _batches(params)]
+            self._plans[key] = batches
+        return batches
 
 
 def _accumulate_prodigy(

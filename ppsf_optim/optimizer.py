@@ -161,6 +161,11 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._callback_queued = False
         self._rounding_noise = RoundingNoise()
         self._batch_plans: dict[int, multi_tensor.BatchPlan] = {}
+        self._group_of_param: dict[int, int] = {}
+        self._pending: list[torch.Tensor] = []  # fused pass: parameters whose gradients wait in the bucket
+        self._pending_ids: set[int] = set()
+        self._pending_bytes = 0
+        self._bucket_bytes = 16 << 20
 
     # ------------------------------------------------------------------ train / eval
     @torch.no_grad()
@@ -214,26 +219,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
 
         shared_d = self._shared_d()
         all_scalars = [step_scalars(g, shared_d) for g in self.param_groups]
-        for index, (group, scalars) in enumerate(zip(self.param_groups, all_scalars)):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            acc = self._accumulator_for(index, params[0].device)
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(init_state(p, group))
-            if multi_tensor.supports(group, params):
-                states = [self.state[p] for p in params]
-                plan = self._batch_plans.setdefault(index, multi_tensor.BatchPlan())
-                updated = multi_tensor.step_group(
-                    params, group, states, scalars, acc, plan, self._rounding_noise
-                )
-            else:
-                updated = False
-                for p in params:
-                    updated |= step_param_reference(p, group, self.state[p], scalars, acc)
-            if updated:
-                self._updated_groups.add(index)
+        self._step_with_grads(
+            [p for g in self.param_groups for p in g["params"] if p.grad is not None], all_scalars
+        )
         self._end_step(all_scalars)
         return loss
 
@@ -242,14 +230,13 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         """Step one parameter now (fused backward pass). Called from a gradient hook during backward, the
         step ends by itself when the backward pass does; otherwise call `step()` (or `end_step()`) once all
         parameters of the step are done."""
-        self._check_train_mode(group)
+        self._check_train_mode(self.param_groups[self._group_index_of(p)])
         if id(p) in self._stepped_params:  # p's second gradient: the previous step is over
             self._finish_open_step()
-        if self._open_scalars is None:
-            shared_d = self._shared_d()
-            self._open_scalars = [step_scalars(g, shared_d) for g in self.param_groups]
+        self._open_step()
         if p.grad is not None:
-            index = _group_index(self.param_groups, group)
+            index = self._group_index_of(p)
+            group = self.param_groups[index]  # the live group: load_state_dict replaces the group dicts
             if not self.state[p]:
                 self.state[p].update(init_state(p, group))
             acc = self._accumulator_for(index, p.device)
@@ -258,13 +245,86 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if step_param_reference(p, group, self.state[p], self._open_scalars[index], acc, ok):
                 self._updated_groups.add(index)
         self._stepped_params.add(id(p))
-        if not self._callback_queued and torch._C._current_graph_task_id() != -1:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_open_step)
-            self._callback_queued = True
+        self._queue_end_of_backward()
 
     def step_parameter(self, p: torch.Tensor, group: dict[str, Any], i: int) -> None:
         """OneTrainer's name for `step_param`."""
         self.step_param(p, group)
+
+    def _step_with_grads(self, params: list[torch.Tensor], scalars: list[StepScalars]) -> None:
+        """Step parameters with finite gradients, group by group: multi-tensor where the options allow."""
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_group.setdefault(self._group_index_of(p), []).append(p)
+        for index, group_params in by_group.items():
+            group = self.param_groups[index]
+            acc = self._accumulator_for(index, group_params[0].device)
+            for p in group_params:
+                if not self.state[p]:
+                    self.state[p].update(init_state(p, group))
+            states = [self.state[p] for p in group_params]
+            if multi_tensor.supports(group, group_params):
+                plan = self._batch_plans.setdefault(index, multi_tensor.BatchPlan())
+                updated = multi_tensor.step_group(
+                    group_params, group, states, scalars[index], acc, plan, self._rounding_noise
+                )
+            else:
+                updated = False
+                for p, state in zip(group_params, states):
+                    updated |= step_param_reference(p, group, state, scalars[index], acc)
+            if updated:
+                self._updated_groups.add(index)
+
+    def _fused_hook(self, p: torch.Tensor) -> None:
+        """A gradient is complete: queue it, and step the queue once it holds `bucket_bytes` of gradients."""
+        if id(p) in self._stepped_params or id(p) in self._pending_ids:  # a new step has begun
+            self._finish_open_step()
+        self._pending.append(p)
+        self._pending_ids.add(id(p))
+        self._pending_bytes += p.grad.numel() * p.grad.element_size()
+        if self._pending_bytes >= self._bucket_bytes:
+            self._flush_pending()
+        self._queue_end_of_backward()
+
+    def _flush_pending(self) -> None:
+        """Step the queued parameters together and free their gradients (one host sync for NaN/inf)."""
+        params, self._pending, self._pending_ids, self._pending_bytes = self._pending, [], set(), 0
+        if not params:
+            return
+        self._check_train_mode()
+        self._open_step()
+        finite = _finite_flags([p.grad for p in params])
+        for p, ok in zip(params, finite):
+            if not ok:
+                self._accumulator_for(self._group_index_of(p), p.device).nonfinite.add_(1)
+        self._step_with_grads([p for p, ok in zip(params, finite) if ok], self._open_scalars)
+        for p in params:
+            p.grad = None
+            self._stepped_params.add(id(p))
+
+    def _open_step(self) -> None:
+        if self._open_scalars is None:
+            shared_d = self._shared_d()
+            self._open_scalars = [step_scalars(g, shared_d) for g in self.param_groups]
+
+    def _queue_end_of_backward(self) -> None:
+        if not self._callback_queued and torch._C._current_graph_task_id() != -1:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_open_step)
+            self._callback_queued = True
+
+    def _group_index_of(self, p: torch.Tensor) -> int:
+        """Index of the group holding `p` (by identity), cached until the groups change."""
+        index = self._group_of_param.get(id(p))
+        if index is None:
+            self._group_of_param = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
+            index = self._group_of_param.get(id(p))
+            if index is None:
+                raise ValueError("step_param got a parameter that is not in this optimizer")
+        return index
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._group_of_param = {}
 
     def supports_fused_back_pass(self) -> bool:
         return True
@@ -273,19 +333,22 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         """End a step made of `step_param` calls outside a backward pass."""
         self._finish_open_step()
 
-    def attach_fused_backward(self) -> FusedBackward:
-        """Step each parameter as soon as its gradient is complete and free that gradient.
+    def attach_fused_backward(self, bucket_bytes: int = 16 << 20) -> FusedBackward:
+        """Step parameters during backward as their gradients complete, and free those gradients.
 
-        Registers post-accumulate-grad hooks; each backward pass is one optimizer step, ended when the
-        backward pass ends. Gradient accumulation cannot work this way. Returns a handle whose `remove()`
-        restores ordinary `step()`.
+        Registers post-accumulate-grad hooks. Completed gradients are queued and stepped together (with
+        the multi-tensor step) once `bucket_bytes` of them are waiting, so a gradient at least that big is
+        stepped and freed at once, and at most about `bucket_bytes` of gradients are alive at any time.
+        Each backward pass is one optimizer step, ended when the backward pass ends. Gradient
+        accumulation cannot work this way. Returns a handle whose `remove()` restores ordinary `step()`.
         """
         self.fused_back_pass = True
+        self._bucket_bytes = bucket_bytes
         handles = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    handles.append(p.register_post_accumulate_grad_hook(_FusedHook(self, group)))
+                    handles.append(p.register_post_accumulate_grad_hook(self._fused_hook))
         return FusedBackward(self, handles)
 
     def freeze_d(self) -> None:
@@ -298,6 +361,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     # ------------------------------------------------------------------ end of step
     def _finish_open_step(self) -> None:
         self._callback_queued = False
+        self._flush_pending()
         if self._open_scalars is not None:
             scalars, self._open_scalars = self._open_scalars, None
             self._end_step(scalars)
@@ -427,6 +491,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if torch.is_tensor(value)
         }
         super().load_state_dict(copy.copy(state_dict))
+        self._group_of_param = {}
+        self._batch_plans.clear()  # they hold the replaced state tensors
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for param_id, p in zip(saved_ids, params):
@@ -435,15 +501,6 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
                 if torch.is_tensor(value) and dtype is not None and value.dtype != dtype:
                     self.state[p][key] = state_dict["state"][param_id][key].to(device=p.device, dtype=dtype)
         self._accumulators.clear()
-
-
-class _FusedHook:
-    def __init__(self, optimizer: ProdigyPlusScheduleFree, group: dict[str, Any]) -> None:
-        self.optimizer, self.group = optimizer, group
-
-    def __call__(self, p: torch.Tensor) -> None:
-        self.optimizer.step_param(p, self.group)
-        p.grad = None
 
 
 class FusedBackward:
@@ -480,17 +537,16 @@ def _validate_arguments(
             raise ValueError(message)
 
 
+def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
+    """Per gradient, whether it is free of NaN/inf, with one host sync."""
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().tolist()
+
+
 def _all_finite(grads: list[torch.Tensor]) -> bool:
     """One host sync for all gradients: the largest |g| of each is finite."""
     norms = torch._foreach_norm(grads)  # NaN/inf propagate; only |g| > 1e19 overflows to a false alarm
     return bool(torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all())
-
-
-def _group_index(groups: list[dict[str, Any]], group: dict[str, Any]) -> int:
-    for index, candidate in enumerate(groups):
-        if candidate is group:
-            return index
-    raise ValueError("step_param got a param group that is not one of this optimizer's param_groups")
 
 
 def _state_bytes(state: dict[str, Any]) -> int:

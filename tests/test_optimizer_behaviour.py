@@ -155,14 +155,14 @@ class _TwoBranchNet(torch.nn.Module):
         return out + self.side(x) if use_side else out
 
 
-def _net_run(fused: bool, steps: int = 15):
+def _net_run(fused: bool, steps: int = 15, bucket_bytes: int = 16 << 20):
     net = _TwoBranchNet()
     groups = [
         {"params": list(net.a.parameters()) + list(net.side.parameters())},
         {"params": list(net.b.parameters()) + list(net.unused.parameters()), "lr": 0.5},
     ]
     optimizer = ProdigyPlusScheduleFree(groups)
-    handle = optimizer.attach_fused_backward() if fused else None
+    handle = optimizer.attach_fused_backward(bucket_bytes) if fused else None
     generator = torch.Generator().manual_seed(3)
     for t in range(steps):
         x = torch.randn(16, 40, generator=generator)
@@ -174,9 +174,10 @@ def _net_run(fused: bool, steps: int = 15):
     return net, optimizer, handle
 
 
-def test_fused_backward_equals_step_with_params_missing_gradients() -> None:
+@pytest.mark.parametrize("bucket_bytes", [1, 16 << 20], ids=["each-gradient-at-once", "one-bucket"])
+def test_fused_backward_equals_step_with_params_missing_gradients(bucket_bytes: int) -> None:
     net_plain, plain, _ = _net_run(fused=False)
-    net_fused, fused, _ = _net_run(fused=True)
+    net_fused, fused, _ = _net_run(fused=True, bucket_bytes=bucket_bytes)
     assert [g["k"] for g in fused.param_groups] == [16, 16]  # one step per backward pass
     assert [g["d"] for g in fused.param_groups] == pytest.approx(
         [g["d"] for g in plain.param_groups], rel=1e-5
@@ -186,6 +187,20 @@ def test_fused_backward_equals_step_with_params_missing_gradients() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         assert a.grad is None, f"fused pass must free {name}'s gradient"
     assert torch.equal(net_fused.unused.weight, _TwoBranchNet().unused.weight)
+
+
+def test_fused_backward_frees_gradients_as_buckets_fill() -> None:
+    """With a bucket smaller than one gradient, no two gradients are ever alive at once."""
+    net = _TwoBranchNet()
+    params = list(net.parameters())
+    optimizer = ProdigyPlusScheduleFree(params)
+    alive = []
+    for p in params:  # registered before the fused hooks: sees each gradient before it is stepped
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    optimizer.attach_fused_backward(bucket_bytes=1)
+    (net(torch.randn(4, 40), use_side=True) ** 2).mean().backward()
+    assert max(alive) == 1 and all(p.grad is None for p in params)
+    assert optimizer.param_groups[0]["k"] == 2
 
 
 def test_step_is_a_no_op_while_fused_and_remove_restores_it() -> None:

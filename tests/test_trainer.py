@@ -1,0 +1,414 @@
+"""End-to-end runs of the SDXL trainer on the tiny model: loss, resume, fused pass, caches, exports, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainers import train as training
+from trainers.__main__ import main as cli
+from trainers.checkpoint import list_checkpoints
+from trainers.config import ConfigError, validate_config
+from trainers.events import read_events
+from trainers.tiny_models import build_tiny_sdxl, write_demo_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threading costs more than it gives
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_demo_dataset(tmp_path / "data", num_images=6)
+
+
+def make_config(tmp_path: Path, model_path: Path, dataset_path: Path, **sections) -> dict:
+    data = {
+        "name": "run",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": str(model_path)},
+        "dataset": {"path": str(dataset_path), "resolution": 64, "trigger_word": "shapes"},
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {"max_steps": 30, "batch_size": 2, "precision": "fp32", "seed": 7},
+        "optimizer": {"d0": 1e-4},
+        "sampling": {"prompts": [], "steps": 2},
+        "saving": {"every_n_steps": 10, "keep_last": 5, "formats": ["kohya", "diffusers"], "dtype": "fp32"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return data
+
+
+def run(tmp_path, model_path, dataset_path, **sections) -> Path:
+    return training.train(validate_config(make_config(tmp_path, model_path, dataset_path, **sections)))
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    return [e["loss"] for e in read_events(run_dir) if e["type"] == "step"]
+
+
+def final_lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(list_checkpoints(run_dir)[-1][1] / "lora.safetensors")
+
+
+# ---------------------------------------------------------------- the run and its outputs
+def _denoising_loss(pipe, latents: torch.Tensor, prompt_embeds, pooled) -> float:
+    """Noise-prediction error on fixed latents, noise and timesteps."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for _ in range(8):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * latents.shape[0], dtype=torch.float32)
+        with torch.no_grad():
+            prediction = pipe.unet(
+                scheduler.add_noise(latents, noise, t),
+                t,
+                encoder_hidden_states=prompt_embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            ).sample
+        total += torch.nn.functional.mse_loss(prediction, noise).item()
+    return total / 8
+
+
+def test_training_lowers_the_loss_and_the_export_carries_it(tmp_path, tiny_model, dataset) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainers.dataset import load_image, scan_dataset
+
+    run_dir = run(tmp_path, tiny_model, dataset, training={"max_steps": 120}, saving={"every_n_steps": 0})
+    events = read_events(run_dir)
+    done = [e for e in events if e["type"] == "done"]
+    assert done and len(done[0]["exported"]) == 2
+    assert done[0]["final_d"][0] > 1e-4 * 10, "Prodigy's d should have grown from d0"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, local_files_only=True)
+    items = scan_dataset(dataset).items
+    import random
+
+    pixels = torch.stack([load_image(i.path, (64, 64), "center", random.Random(0)).pixels for i in items])
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            [f"shapes, {i.caption}" for i in items], device="cpu", do_classifier_free_guidance=False
+        )
+    before = _denoising_loss(pipe, latents, embeds, pooled)
+    pipe.load_lora_weights(done[0]["exported"][1])  # the diffusers-format file
+    after = _denoising_loss(pipe, latents, embeds, pooled)
+    assert after < before * 0.97, (before, after)
+
+
+def test_run_folder_layout_and_events(tmp_path, tiny_model, dataset) -> None:
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        training={"max_steps": 12},
+        sampling={"prompts": ["shapes, a red circle"], "every_n_steps": 6, "steps": 2},
+        saving={"every_n_steps": 6},
+    )
+    assert (run_dir / "config.toml").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step-000006-00.png",
+        "step-000012-00.png",
+    ]
+    events = read_events(run_dir)
+    types = [e["type"] for e in events]
+    for expected in ("start", "dataset", "step", "sample", "checkpoint", "done"):
+        assert expected in types
+    step = next(e for e in events if e["type"] == "step")
+    for key in ("step", "epoch", "loss", "groups", "step_seconds", "samples_per_second", "peak_memory_mb"):
+        assert key in step
+    assert step["groups"][0]["name"] == "unet" and step["groups"][0]["d"] == pytest.approx(1e-4)
+    assert [c for c, _ in list_checkpoints(run_dir)] == [6, 12]
+
+
+# ---------------------------------------------------------------- resume, fused pass, precision of state
+def test_resume_equals_uninterrupted(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    straight = run(
+        tmp_path / "a", tiny_model, dataset, training={"max_steps": 25}, saving={"every_n_steps": 0}
+    )
+
+    original = training.Trainer._log_step
+
+    def stop_at_13(self, optimizer, state, *args):
+        original(self, optimizer, state, *args)
+        if state.step == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: finish the step, checkpoint, stop
+
+    monkeypatch.setattr(training.Trainer, "_log_step", stop_at_13)
+    stopped = run(
+        tmp_path / "b", tiny_model, dataset, training={"max_steps": 25}, saving={"every_n_steps": 0}
+    )
+    assert [e["type"] for e in read_events(stopped)][-2:] == ["checkpoint", "stopped"]
+    assert [s for s, _ in list_checkpoints(stopped)] == [13]
+    monkeypatch.undo()
+
+    training.resume(stopped)
+    assert step_losses(stopped) == step_losses(straight)
+    a, b = final_lora(straight), final_lora(stopped)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_fused_backward_equals_plain_step(tmp_path, tiny_model, dataset) -> None:
+    fused = run(tmp_path / "a", tiny_model, dataset, optimizer={"d0": 1e-4, "fused_back_pass": True})
+    plain = run(tmp_path / "b", tiny_model, dataset, optimizer={"d0": 1e-4, "fused_back_pass": False})
+    assert step_losses(fused) == pytest.approx(step_losses(plain), rel=1e-4)
+    d = [[e["groups"][0]["d"] for e in read_events(r) if e["type"] == "step"] for r in (fused, plain)]
+    assert d[0] == pytest.approx(d[1], rel=1e-4)
+    a, b = final_lora(fused), final_lora(plain)
+    scale = max(float(t.abs().max()) for t in b.values())
+    for key in a:  # summation order differs; at d ~ 0.03 rounding grows to ~0.5% of the weights, as it
+        # does between step()'s two code paths (multi-tensor vs reference) too
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-2 * scale)
+
+
+def test_prodigy_steps_freeze_is_an_event(tmp_path, tiny_model, dataset) -> None:
+    run_dir = run(tmp_path, tiny_model, dataset, optimizer={"d0": 1e-4, "prodigy_steps": 0.5})
+    freezes = [e for e in read_events(run_dir) if e["type"] == "freeze"]
+    assert len(freezes) == 1 and freezes[0]["since_step"] == 15 and freezes[0]["rule"] == "prodigy_steps"
+    ds = [e["groups"][0]["d"] for e in read_events(run_dir) if e["type"] == "step"]
+    assert len(set(ds[14:])) == 1
+
+
+def test_text_encoder_training_has_its_own_d(tmp_path, tiny_model, dataset) -> None:
+    run_dir = run(tmp_path, tiny_model, dataset, lora={"rank": 4, "alpha": 8, "train_text_encoder": True})
+    last = [e for e in read_events(run_dir) if e["type"] == "step"][-1]
+    assert [g["name"] for g in last["groups"]] == ["unet", "text_encoder", "text_encoder_2"]
+    keys = load_file(next((run_dir / "lora").glob("*step000030.safetensors"))).keys()
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+
+
+# ---------------------------------------------------------------- exports
+def test_exported_formats_load_and_agree(tmp_path, tiny_model, dataset) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    run_dir = run(tmp_path, tiny_model, dataset)
+    files = {p.name: p for p in (run_dir / "lora").iterdir()}
+    assert set(files) == {"run-step000030.safetensors", "run-step000030-diffusers.safetensors"}
+
+    def image(lora: Path | None):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        return pipe("shapes, a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+
+    base = image(None)
+    kohya = image(files["run-step000030.safetensors"])
+    diffusers_format = image(files["run-step000030-diffusers.safetensors"])
+    assert abs(kohya - base).max() > 1e-3
+    assert abs(kohya - diffusers_format).max() < 1e-4
+
+
+def test_export_command_writes_the_eval_mode_average(tmp_path, tiny_model, dataset) -> None:
+    from trainers.export_run import eval_mode_lora_state_dict
+
+    run_dir = run(tmp_path, tiny_model, dataset)
+    assert cli(["export", str(run_dir), "--checkpoint", "20", "--format", "kohya"]) == 0
+    exported = load_file(run_dir / "lora" / "run-step000020.safetensors")
+    folder = run_dir / "checkpoints" / "step-000020"
+    y = load_file(folder / "lora.safetensors")
+    optimizer_state = load_file(folder / "optimizer.safetensors")
+    name = next(k for k in y if "lora_B" in k and k.startswith("unet."))
+    x = (y[name] - 0.1 * optimizer_state[f"z/{name}"]) / 0.9  # x = (y - (1 - beta1) z) / beta1
+    kohya_name = (
+        "lora_unet_" + name.removeprefix("unet.").split(".lora_B")[0].replace(".", "_") + ".lora_up.weight"
+    )
+    torch.testing.assert_close(exported[kohya_name], x)
+    assert not torch.allclose(exported[kohya_name], y[name]), "the export must not be the training point"
+    assert torch.equal(eval_mode_lora_state_dict(folder)[name], x)
+    assert float(exported[kohya_name.replace("lora_up.weight", "alpha")]) == 8.0
+
+
+# ---------------------------------------------------------------- caches and bad images
+def test_cache_is_reused_and_invalidated_per_entry(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    from trainers.models.sdxl import SDXLAdapter
+
+    calls = {"images": 0, "captions": 0}
+    encode_images, encode_captions = SDXLAdapter.encode_images, SDXLAdapter.encode_captions
+
+    def count_images(self, pixels, generator=None):
+        calls["images"] += pixels.shape[0]
+        return encode_images(self, pixels, generator)
+
+    def count_captions(self, captions):
+        calls["captions"] += len(captions)
+        return encode_captions(self, captions)
+
+    monkeypatch.setattr(SDXLAdapter, "encode_images", count_images)
+    monkeypatch.setattr(SDXLAdapter, "encode_captions", count_captions)
+    run(tmp_path / "a", tiny_model, dataset, training={"max_steps": 2})
+    assert calls == {"images": 6, "captions": 6}
+
+    calls.update(images=0, captions=0)
+    run(tmp_path / "b", tiny_model, dataset, training={"max_steps": 2})
+    assert calls == {"images": 0, "captions": 0}
+
+    concept = dataset / "2_shapes"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "purple").save(concept / "shape_000.png")
+    (concept / "shape_001.txt").write_text("a changed caption", encoding="utf-8")
+    calls.update(images=0, captions=0)
+    run(tmp_path / "c", tiny_model, dataset, training={"max_steps": 2})
+    assert calls == {"images": 1, "captions": 1}
+
+
+def test_broken_image_is_skipped_and_reported(tmp_path, tiny_model, dataset) -> None:
+    (dataset / "2_shapes" / "broken.png").write_bytes(b"not a png")
+    run_dir = run(tmp_path, tiny_model, dataset, training={"max_steps": 3})
+    events = read_events(run_dir)
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert any("broken.png" in w for w in warnings)
+    assert events[-1]["type"] == "done" and events[-1]["skipped_images"] == 1
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_model, dataset, monkeypatch
+):
+    from trainers.models.sdxl import SDXLAdapter
+
+    original = SDXLAdapter.training_loss
+    count = {"n": 0}
+
+    def nan_at_step_14(self, *args):
+        count["n"] += 1
+        loss = original(self, *args)
+        return loss * float("nan") if count["n"] == 14 else loss
+
+    monkeypatch.setattr(SDXLAdapter, "training_loss", nan_at_step_14)
+    with pytest.raises(training.TrainingError, match="d_coef"):
+        run(tmp_path, tiny_model, dataset)
+    run_dir = tmp_path / "runs" / "run"
+    error = read_events(run_dir)[-1]
+    assert error["type"] == "error" and "step 14" in error["message"]
+    assert error["last_checkpoint_step"] == 10
+    assert [s for s, _ in list_checkpoints(run_dir)] == [10]
+
+
+# ---------------------------------------------------------------- bad configs, before any model loads
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dataset": {"resolutoin": 64}}, "dataset.resolutoin: unknown key; did you mean 'resolution'?"),
+        ({"training": {"max_steps": "many"}}, "training.max_steps: Input should be a valid integer"),
+        ({"dataset": {"resolution": 100}}, "dataset.resolution: must be a positive multiple of 64; try 128"),
+        ({"training": {"max_steps": 5, "gradient_accumulation": 2}}, "cannot accumulate gradients"),
+        ({"model": {"path": "/nowhere/model"}}, "model.path: /nowhere/model does not exist"),
+        ({"dataset": {"path": "/nowhere/images"}}, "dataset.path: /nowhere/images does not exist"),
+        (
+            {"model": {"path": "/nowhere/model.safetensors"}},
+            "model.path: /nowhere/model.safetensors does not exist",
+        ),
+    ],
+)
+def test_check_reports_each_problem(tmp_path, tiny_model, dataset, change, message, capsys) -> None:
+    data = make_config(tmp_path, tiny_model, dataset, **change)
+    import tomli_w
+
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    assert cli(["check", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_empty_dataset_names_the_folder(tmp_path, tiny_model, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = validate_config(make_config(tmp_path, tiny_model, empty))
+    problems, _ = training.check(config)
+    assert len(problems) == 1 and str(empty) in problems[0] and problems[0].startswith("dataset.path")
+
+
+def test_check_passes_and_summarises_a_good_config(tmp_path, tiny_model, dataset, capsys) -> None:
+    import tomli_w
+
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset)), encoding="utf-8")
+    assert cli(["check", str(path), "--set", "training.max_steps=99"]) == 0
+    out = capsys.readouterr().out
+    assert "6 images, 12 samples per epoch" in out and "ok" in out
+
+
+def test_a_second_train_into_the_same_run_folder_is_refused(tmp_path, tiny_model, dataset) -> None:
+    run(tmp_path, tiny_model, dataset, training={"max_steps": 2})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(tmp_path, tiny_model, dataset, training={"max_steps": 2})
+
+
+def test_resolved_config_round_trips(tmp_path, tiny_model, dataset) -> None:
+    from trainers.config import load_config
+
+    run_dir = run(tmp_path, tiny_model, dataset, training={"max_steps": 2}, optimizer={"eps": "atan2"})
+    config = load_config(run_dir / "config.toml")
+    assert config.optimizer.optimizer_kwargs()["eps"] is None
+    assert json.loads((run_dir / "export_metadata.json").read_text())["ss_network_alpha"] == "8.0"
+
+
+def test_objective_options_train(tmp_path, tiny_model, dataset) -> None:
+    """Gradient checkpointing, v-prediction, min-SNR, noise offset, random crop, shuffled tags, dropout."""
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        model={"path": str(tiny_model), "prediction_type": "v_prediction"},
+        dataset={
+            "path": str(dataset),
+            "resolution": 64,
+            "crop": "random",
+            "shuffle_tags": True,
+            "keep_tokens": 1,
+            "caption_dropout": 0.3,
+        },
+        training={"max_steps": 6, "gradient_checkpointing": True, "min_snr_gamma": 5.0, "noise_offset": 0.05},
+        lora={"rank": 4, "alpha": 4, "train_text_encoder": True},
+    )
+    events = read_events(run_dir)
+    assert events[-1]["type"] == "done"
+    assert all(e["loss"] == e["loss"] for e in events if e["type"] == "step")  # no NaN
+    assert any("random" in e["message"] for e in events if e["type"] == "warning")  # latents not cached
+
+
+def test_unloadable_single_file_says_what_to_give(tmp_path, tiny_model, dataset) -> None:
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(RuntimeError, match="single-file SDXL .safetensors"):
+        run(tmp_path, bogus, dataset, training={"max_steps": 2})
+
+
+def test_repo_id_missing_offline_is_reported_before_loading(
+    tmp_path, tiny_model, dataset, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = validate_config(make_config(tmp_path, "someone/not-downloaded-sdxl", dataset))
+    problems, _ = training.check(config)
+    assert problems == [
+        "model.path: 'someone/not-downloaded-sdxl' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+        "download it first or give a local folder"
+    ]

@@ -1,0 +1,73 @@
+"""Command line: python -m trainers {train,resume,check,export}."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainers.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers", description="LoRA training with ppsf_optim")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="start a run from a TOML config")
+    train.add_argument("config", type=Path)
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir", type=Path)
+    check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
+    check.add_argument("config", type=Path)
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    export = commands.add_parser("export", help="write the eval-mode LoRA of a run's checkpoint")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--checkpoint", type=int, help="checkpoint step (default: the newest)")
+    export.add_argument(
+        "--format", choices=["kohya", "diffusers"], action="append", help="default: the config's"
+    )
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as error:
+        print("config problems:\n  " + "\n  ".join(error.problems), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trainers import train as training
+
+    if args.command == "check":
+        config = load_config(args.config, args.set)
+        problems, summary = training.check(config)
+        if problems:
+            raise ConfigError(problems)
+        print(summary)
+        print(f"{args.config}: ok")
+        return 0
+    if args.command == "train":
+        run_dir = training.train(load_config(args.config, args.set))
+        print(f"run folder: {run_dir}")
+        return 0
+    if args.command == "resume":
+        run_dir = training.resume(args.run_dir)
+        print(f"run folder: {run_dir}")
+        return 0
+    from trainers.checkpoint import checkpoint_dir
+    from trainers.export_run import export_checkpoint
+
+    folder = checkpoint_dir(args.run_dir, args.checkpoint) if args.checkpoint is not None else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no checkpoint folder {folder}")
+    for path in export_checkpoint(args.run_dir, folder, args.format):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

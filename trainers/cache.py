@@ -1,0 +1,72 @@
+"""Disk caches of latents and text embeddings, one safetensors file per entry.
+
+Entries are keyed by what they depend on (file content hash, bucket, crop, caption text, model), so a
+second run skips the VAE and text encoders, and a changed image or caption invalidates only its own entry.
+The cache lives in a hidden folder inside the dataset, which the dataset scan ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.atomic import atomic_write
+
+CACHE_FOLDER = ".ppsf-cache"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (first 20 hex digits)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+class TensorCache:
+    """Named groups of tensors on disk; `hits` and `misses` count lookups."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        if path.is_file():
+            try:
+                tensors = load_file(path)
+            except Exception:  # a damaged entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
+            else:
+                self.hits += 1
+                return tensors
+        self.misses += 1
+        return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        atomic_write(self._path(key), lambda tmp: save_file(tensors, str(tmp)))
+
+
+def latent_cache(dataset_root: Path, fingerprint: str) -> TensorCache:
+    return TensorCache(Path(dataset_root) / CACHE_FOLDER / fingerprint / "latents")
+
+
+def text_cache(dataset_root: Path, fingerprint: str) -> TensorCache:
+    return TensorCache(Path(dataset_root) / CACHE_FOLDER / fingerprint / "text")
+
+
+def latent_key(image_digest: str, bucket: tuple[int, int], crop: str) -> str:
+    return hashlib.sha256(f"{image_digest}|{bucket[0]}x{bucket[1]}|{crop}".encode()).hexdigest()[:32]
+
+
+def text_key(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]

@@ -1,0 +1,189 @@
+"""Resumable checkpoints: LoRA weights, optimizer state, RNG states and data position, all safetensors/JSON.
+
+runs/<name>/checkpoints/step-000250/
+    lora.safetensors       the LoRA at the training point y, keys "<component>.<peft key>"
+    optimizer.safetensors  per-parameter optimizer state, keys "<key>/<component>.<peft key>"
+    trainer_state.json     step, epoch, batch, optimizer param groups, RNG states
+Written into a temporary folder and renamed, so a checkpoint folder is always complete. Nothing is
+unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.atomic import atomic_write_folder
+
+CHECKPOINTS = "checkpoints"
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps done
+    epoch: int  # epoch the next batch comes from
+    batch_in_epoch: int  # index of the next batch within that epoch
+    python_rng: list = field(default_factory=list)  # random.Random state of caption/crop choices
+    d_history: list[list[float]] = field(default_factory=list)  # recent d per group, for prodigy_steps="auto"
+    d_frozen_logged: bool = False
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each complete checkpoint, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            match = _STEP_FOLDER.match(child.name)
+            if match and (child / "trainer_state.json").is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by checkpoint name "<component>.<parameter name>"."""
+    return {
+        f"{component}.{name}": p
+        for component, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's per-parameter tensors by name, and its param groups with parameter names."""
+    names = {id(p): name for name, p in params.items()}
+    tensors = {}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{key}/{names[id(p)]}"] = value.detach().to("cpu").contiguous()
+    groups = []
+    for group in optimizer.param_groups:
+        entry = {k: v for k, v in group.items() if k != "params"}
+        entry["params"] = [names[id(p)] for p in group["params"]]
+        groups.append(entry)
+    return tensors, groups
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Rebuild a state_dict from named tensors and groups, then load it (dtypes kept as saved)."""
+    index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    if set(index) != set(params):
+        missing = sorted(set(params) - set(index))[:3]
+        raise ValueError(f"checkpoint does not match the model's LoRA parameters (e.g. {missing})")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        state_key, _, name = key.partition("/")
+        state.setdefault(index[name], {})[state_key] = value
+    param_groups = []
+    for group in groups:
+        entry = dict(group)
+        entry["params"] = [index[name] for name in group["params"]]
+        entry["betas"] = tuple(entry["betas"])
+        param_groups.append(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainerState,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    keep_last: int,
+) -> Path:
+    """Write a complete checkpoint folder atomically and delete all but the newest `keep_last`."""
+    lora = {name: p.detach().to("cpu").contiguous() for name, p in params.items()}
+    optimizer_tensors, groups = optimizer_state_tensors(optimizer, params)
+    rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state().to("cpu")}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    document = {"trainer": asdict(state), "param_groups": groups, "generator_device": str(generator.device)}
+
+    def write(folder: Path) -> None:
+        save_file(lora, str(folder / "lora.safetensors"))
+        save_file(optimizer_tensors, str(folder / "optimizer.safetensors"))
+        save_file(rng, str(folder / "rng.safetensors"))
+        (folder / "trainer_state.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
+
+    target = checkpoint_dir(run_dir, state.step)
+    if target.exists():  # the same step saved again (e.g. stop right after a periodic save)
+        shutil.rmtree(target)
+    atomic_write_folder(target, write)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(
+    folder: Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> TrainerState:
+    """Restore weights, optimizer, RNG states; returns the trainer state to continue from."""
+    folder = Path(folder)
+    document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    lora = load_file(folder / "lora.safetensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(lora[name])
+    load_optimizer_state(
+        optimizer, params, load_file(folder / "optimizer.safetensors"), document["param_groups"]
+    )
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    generator.set_state(rng["generator"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return TrainerState(**document["trainer"])
+
+
+def restore_python_rng(rng: random.Random, state: list) -> None:
+    """random.Random state from its JSON form (lists where Python had tuples)."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_lora_and_average(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The checkpoint's LoRA at the training point, and for each parameter what eval mode needs (z, beta1).
+
+    Lets export compute the schedule-free average x = (y - (1 - beta1) z) / beta1 without loading a model.
+    """
+    folder = Path(folder)
+    document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    lora = load_file(folder / "lora.safetensors")
+    optimizer_tensors = load_file(folder / "optimizer.safetensors")
+    info = {}
+    for group in document["param_groups"]:
+        for name in group["params"]:
+            info[name] = {
+                "z": optimizer_tensors.get(f"z/{name}"),
+                "beta1": group["betas"][0],
+                "train_mode": group["train_mode"],
+                "d": group["d"],
+            }
+    return lora, info

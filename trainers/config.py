@@ -1,0 +1,299 @@
+"""The training-run config: schema, TOML loading, `--set` overrides, and error messages people can act on.
+
+Everything a user can set lives here; the UI writes these files and the trainer reads them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEMO_SCHEME = "demo://"  # demo://tiny-sdxl and demo://shapes are generated on first use
+
+
+class ConfigError(ValueError):
+    """One or more problems with a config, one per line, each naming the field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["sdxl"] = Field("sdxl", description="Model family (Flux comes next).")
+    path: str = Field(
+        description="Hugging Face repo id, local diffusers folder, or single-file .safetensors checkpoint "
+        "(demo://tiny-sdxl builds a tiny model for trying things out)."
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="What the model predicts; auto reads the model's scheduler config."
+    )
+
+
+class DatasetConfig(_Section):
+    path: str = Field(
+        description="Folder of images with same-named .txt captions (kohya N_concept folders work)."
+    )
+    caption_extension: str = ".txt"
+    trigger_word: str | None = Field(None, description="Added as the first tag of every caption.")
+    shuffle_tags: bool = Field(
+        False, description="Shuffle comma-separated tags each time (keeps the first N)."
+    )
+    keep_tokens: int = Field(0, ge=0, description="Tags kept in place when shuffling.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of an empty caption.")
+    resolution: int = Field(1024, description="Training area is resolution²; must be a multiple of 64.")
+    max_aspect: float = Field(2.0, ge=1.0, description="Widest bucket aspect ratio.")
+    no_upscale: bool = Field(True, description="Never upscale small images to a bucket; use their own size.")
+    crop: Literal["center", "random"] = "center"
+    cache_latents: bool = Field(True, description="Encode images once and reuse the latents from disk.")
+    cache_text_embeddings: bool = Field(
+        True, description="Encode captions once (only when captions are fixed and text encoders frozen)."
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_64(cls, value: int) -> int:
+        if value <= 0 or value % 64:
+            raise ValueError(f"must be a positive multiple of 64; try {max(64, round(value / 64) * 64)}")
+        return value
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, gt=0, description="LoRA rank (dim).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means equal to rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        description="UNet module names that get a LoRA.",
+    )
+    train_text_encoder: bool = Field(False, description="Also train LoRAs on both text encoders.")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class TrainingConfig(_Section):
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    epochs: int | None = Field(None, gt=0, description="Or stop after this many passes over the dataset.")
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation: int = Field(
+        1, gt=0, description="Micro-batches per step (not with fused backward)."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Frozen base weights and autocast; LoRA weights stay fp32, the VAE runs in fp32."
+    )
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    noise_offset: float = Field(0.0, ge=0.0)
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5 is common).")
+    tensorboard: bool = Field(False, description="Also log the scalars to runs/<name>/tensorboard.")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.max_steps and training.epochs")
+        return self
+
+
+class OptimizerConfig(_Section):
+    """ProdigyPlusScheduleFree's arguments; d is the learning rate Prodigy finds, lr only multiplies it."""
+
+    lr: float = Field(1.0, gt=0, description="Multiplier on Prodigy's d; keep 1.0.")
+    text_encoder_lr: float = Field(1.0, gt=0, description="lr multiplier of the text-encoder groups.")
+    betas: tuple[float, float] = (0.9, 0.99)
+    beta3: float | None = None
+    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay_by_lr: bool = True
+    use_bias_correction: bool = False
+    d0: float = Field(1e-6, gt=0, description="Starting d; raise to 1e-5 if d stays flat.")
+    d_coef: float = Field(1.0, gt=0, description="Multiplier on the d estimate: the knob to tune.")
+    prodigy_steps: int | float | Literal["auto"] = Field(
+        0,
+        description="Freeze d after N steps (int), after a fraction of the run (0 < x < 1), or 'auto' "
+        "once d stops growing. 0 = never.",
+    )
+    eps: float | Literal["atan2"] = Field(
+        1e-8, description='"atan2" selects Adam-atan2 (eps=None in Python).'
+    )
+    split_groups: bool = True
+    split_groups_mean: bool = True
+    factored: bool = True
+    factored_fp32: bool = True
+    fused_back_pass: bool = Field(True, description="Step inside backward and free each gradient at once.")
+    use_stableadamw: bool = True
+    use_muon_pp: bool = False
+    use_cautious: bool = False
+    use_grams: bool = False
+    use_adopt: bool = False
+    use_speed: bool = False
+    use_orthograd: bool = False
+    use_focus: bool = False
+    d_limiter: bool = False
+    schedulefree_c: float = Field(0.0, ge=0.0)
+    stochastic_rounding: bool = True
+
+    @field_validator("prodigy_steps")
+    @classmethod
+    def _prodigy_steps(cls, value: int | float | str) -> int | float | str:
+        if isinstance(value, float) and not value.is_integer() and not 0 < value < 1:
+            raise ValueError("a fraction of the run must be between 0 and 1 (e.g. 0.25)")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 (0 = never freeze d)")
+        return value
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments for ProdigyPlusScheduleFree (prodigy_steps resolved by the trainer)."""
+        kwargs = self.model_dump(exclude={"text_encoder_lr", "prodigy_steps"})
+        kwargs["eps"] = None if self.eps == "atan2" else self.eps
+        return kwargs
+
+
+class SamplingConfig(_Section):
+    prompts: list[str] = Field(default_factory=list, description="One image per prompt at each sample step.")
+    negative_prompt: str = ""
+    every_n_steps: int = Field(0, ge=0, description="0 = only at the end.")
+    seed: int = 42
+    steps: int = Field(25, gt=0)
+    guidance: float = Field(6.0, ge=0.0)
+    width: int | None = Field(None, description="Defaults to dataset.resolution.")
+    height: int | None = None
+
+
+class SavingConfig(_Section):
+    every_n_steps: int = Field(250, ge=0, description="Checkpoint (LoRA + optimizer state) every N steps.")
+    keep_last: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
+    formats: list[Literal["kohya", "diffusers"]] = Field(default_factory=lambda: ["kohya", "diffusers"])
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class TrainConfig(_Section):
+    name: str = Field(description="Run name: the run folder is output_dir/name.")
+    output_dir: str = "runs"
+    model: ModelConfig
+    dataset: DatasetConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    saving: SavingConfig = Field(default_factory=SavingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in '/\\:*?"<>|') or value.startswith("."):
+            raise ValueError("must be a plain folder name (no slashes or special characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _compatible(self) -> TrainConfig:
+        if self.optimizer.fused_back_pass and self.training.gradient_accumulation > 1:
+            raise ValueError(
+                "optimizer.fused_back_pass steps inside each backward pass, so it cannot accumulate gradients: "
+                "set training.gradient_accumulation = 1 (raise training.batch_size instead) or turn "
+                "optimizer.fused_back_pass off"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------- loading and errors
+def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config, apply `key=value` overrides, and validate; raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML ({error})"]) from None
+    for override in overrides or []:
+        apply_override(data, override)
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(
+            [f"{source}: {problem}" for problem in describe_errors(error, TrainConfig)]
+        ) from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`training.max_steps=500` into the nested dict; the value is read as TOML, else taken as a string."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {override!r}: expected key=value, e.g. training.max_steps=500"])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {override!r}: {part} is not a section"])
+    node[leaf] = value
+
+
+def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
+    """One line per problem, naming the field; unknown keys get a did-you-mean."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            suggestion = _did_you_mean(root, item["loc"])
+            problems.append(f"{location}: unknown key{suggestion}")
+        elif item["type"] == "missing":
+            problems.append(f"{location}: required, but missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            given = item.get("input")
+            shown = f" (got {given!r})" if not isinstance(given, dict | list) and given is not None else ""
+            problems.append(f"{location}: {message}{shown}" if location else message)
+    return problems
+
+
+def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
+    model: Any = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return ""
+        model = field.annotation
+    matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean '{matches[0]}'?" if matches else f"; known keys: {', '.join(model.model_fields)}"
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The config as TOML (None values left out, since TOML has no null)."""
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def resolved_config(config: TrainConfig) -> TrainConfig:
+    """The config with its defaults filled in, as saved next to a run."""
+    return validate_config(config.model_dump(mode="json", exclude_none=True))

@@ -1,0 +1,97 @@
+"""Export a run's checkpoint as eval-mode LoRA files, without loading the model.
+
+The checkpoint holds the LoRA at the training point y and the optimizer's z, so the schedule-free average
+x = (y - (1 - beta1) z) / beta1 (what `optimizer.eval()` gives) is computed here from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+
+from trainers.checkpoint import checkpoint_lora_and_average, list_checkpoints
+from trainers.config import TrainConfig, load_config
+from trainers.export import LoraComponent, save_diffusers_lora, save_kohya_lora
+
+EXPORT_METADATA_FILE = "export_metadata.json"
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def eval_mode_lora_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's LoRA at the averaged point x, keyed "<component>.<parameter name>"."""
+    lora, info = checkpoint_lora_and_average(folder)
+    averaged = {}
+    for name, y in lora.items():
+        entry = info[name]
+        z = entry["z"]
+        if z is None or not entry["train_mode"]:  # never stepped, or saved already in eval mode
+            averaged[name] = y
+            continue
+        beta1 = entry["beta1"]
+        averaged[name] = (y.float() - (1 - beta1) * z.float()) / beta1
+    return averaged
+
+
+def lora_components(
+    state_dict: dict[str, torch.Tensor], config: TrainConfig, dtype: torch.dtype
+) -> list[LoraComponent]:
+    """Split "<component>.<peft parameter name>" tensors into per-component PEFT state dicts."""
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        component, _, key = name.partition(".")
+        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        by_component.setdefault(component, {})[key] = tensor.to(dtype)
+    lora = config.lora
+    components = []
+    for component, tensors in by_component.items():
+        targets = (
+            lora.target_modules if component in ("unet", "transformer") else lora.text_encoder_target_modules
+        )
+        peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, target_modules=targets)
+        components.append(LoraComponent(name=component, state_dict=tensors, config=peft_config))
+    return components
+
+
+def export_checkpoint(
+    run_dir: Path, checkpoint: Path | None = None, formats: list[str] | None = None
+) -> list[Path]:
+    """Write the eval-mode LoRA of `checkpoint` (default: the newest) in each format; returns the files."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.toml")
+    if checkpoint is None:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to export yet")
+        checkpoint = checkpoints[-1][1]
+    document = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = document["trainer"]["step"]
+    metadata = _metadata(run_dir, document, step)
+    components = lora_components(
+        eval_mode_lora_state_dict(checkpoint), config, SAVE_DTYPES[config.saving.dtype]
+    )
+    written = []
+    stem = f"{config.name}-step{step:06d}"
+    for fmt in formats or config.saving.formats:
+        if fmt == "kohya":
+            written.append(save_kohya_lora(run_dir / "lora" / f"{stem}.safetensors", components, metadata))
+        elif fmt == "diffusers":
+            path = run_dir / "lora" / f"{stem}-diffusers.safetensors"
+            written.append(save_diffusers_lora(path, components, metadata))
+        else:
+            raise ValueError(f"format: unknown LoRA format {fmt!r}; use kohya or diffusers")
+    return written
+
+
+def _metadata(run_dir: Path, document: dict, step: int) -> dict[str, str]:
+    path = run_dir / EXPORT_METADATA_FILE
+    metadata = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    names = metadata.pop("ppsf_group_names", None) or [
+        f"group{i}" for i in range(len(document["param_groups"]))
+    ]
+    metadata["ss_steps"] = str(step)
+    metadata["ppsf_final_d"] = json.dumps({n: g["d"] for n, g in zip(names, document["param_groups"])})
+    metadata["ppsf_eval_mode"] = "schedule-free average x"
+    return {k: str(v) for k, v in metadata.items()}

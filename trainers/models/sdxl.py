@@ -1,0 +1,191 @@
+"""Stable Diffusion XL: UNet with text_time conditioning, two CLIP text encoders, DDPM noise objective."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.training_utils import cast_training_params, compute_snr
+from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image
+
+from trainers.models.base import ModelAdapter, SampleConditioning
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class SDXLAdapter(ModelAdapter):
+    family = "sdxl"
+    components = ("unet", "text_encoder", "text_encoder_2")
+
+    def load(self) -> None:
+        path = self.config.model.path
+        try:
+            if self.is_single_file(path):
+                pipe = StableDiffusionXLPipeline.from_single_file(path, dtype=self.dtype)
+            else:
+                pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=self.dtype)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(
+                f"model.path {path!r}: could not load an SDXL pipeline ({error}). Give a diffusers folder, a "
+                "Hugging Face repo id already in the local cache, or a single-file SDXL .safetensors."
+            ) from error
+        pipe.set_progress_bar_config(disable=True)
+        pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+        pipe.unet.to(self.device)
+        pipe.vae.to(self.device)
+        for name in TEXT_ENCODERS:
+            getattr(pipe, name).to(self.device)
+        self.pipe = pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        prediction = self.config.model.prediction_type
+        self.prediction_type = (
+            self.noise_scheduler.config.prediction_type if prediction == "auto" else prediction
+        )
+
+    def cache_fingerprint(self) -> str:
+        vae = self.pipe.vae.config
+        key = f"sdxl|{Path(self.config.model.path).name}|{vae.latent_channels}|{vae.scaling_factor}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        vae = self.pipe.vae
+        if next(vae.parameters()).device != self.device:
+            vae.to(self.device)
+        latents = vae.encode(pixels.to(self.device, torch.float32)).latent_dist.sample(generator)
+        return latents * vae.config.scaling_factor
+
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        for name in TEXT_ENCODERS:
+            encoder = getattr(self.pipe, name)
+            if next(encoder.parameters()).device != self.device:
+                encoder.to(self.device)
+        with torch.set_grad_enabled(self.config.lora.train_text_encoder and torch.is_grad_enabled()):
+            prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+                captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        return {"prompt_embeds": prompt_embeds, "pooled": pooled}
+
+    def offload_encoders(self) -> None:
+        self.pipe.vae.to("cpu")
+        if not self.config.lora.train_text_encoder:
+            for name in TEXT_ENCODERS:
+                getattr(self.pipe, name).to("cpu")
+
+    def add_lora(self) -> dict[str, list[torch.nn.Parameter]]:
+        lora = self.config.lora
+        targets = {"unet": lora.target_modules}
+        if lora.train_text_encoder:
+            targets.update({name: lora.text_encoder_target_modules for name in TEXT_ENCODERS})
+        params = {}
+        for name, modules in targets.items():
+            module = getattr(self.pipe, name)
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.effective_alpha,
+                lora_dropout=lora.dropout,
+                target_modules=modules,
+            )
+            # peft's own injection: transformers' add_adapter wants a newer peft than diffusers pins
+            inject_adapter_in_model(config, module, adapter_name="default")
+            cast_training_params(module, dtype=torch.float32)  # base stays low precision, LoRA trains in fp32
+            params[name] = [p for p in module.parameters() if p.requires_grad]
+            if not params[name]:
+                raise ValueError(f"lora.target_modules: no module of the {name} matches {modules}")
+        return params
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        names = ("unet", *TEXT_ENCODERS) if self.config.lora.train_text_encoder else ("unet",)
+        return {name: getattr(self.pipe, name) for name in names}
+
+    def set_gradient_checkpointing(self) -> None:
+        self.pipe.unet.enable_gradient_checkpointing()  # diffusers' default is the non-reentrant form
+        if self.config.lora.train_text_encoder:
+            for name in TEXT_ENCODERS:
+                getattr(self.pipe, name).gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+
+    def training_loss(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        conditioning: list[SampleConditioning],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        training = self.config.training
+        latents = latents.to(self.device, torch.float32)
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if training.noise_offset:  # shifts each channel's mean: lets the model learn very dark/bright images
+            offset = torch.randn((batch, latents.shape[1], 1, 1), generator=generator, device=self.device)
+            noise = noise + training.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = (
+            noise
+            if self.prediction_type == "epsilon"
+            else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
+
+        time_ids = torch.tensor(
+            [[*c.original_size, *c.crop_top_left, *c.target_size] for c in conditioning],
+            device=self.device,
+            dtype=self.dtype,
+        )
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            prediction = self.pipe.unet(
+                noisy.to(self.dtype),
+                timesteps,
+                encoder_hidden_states=text["prompt_embeds"].to(self.device, self.dtype),
+                added_cond_kwargs={
+                    "text_embeds": text["pooled"].to(self.device, self.dtype),
+                    "time_ids": time_ids,
+                },
+            ).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+        loss = loss.mean(dim=(1, 2, 3))
+        if training.min_snr_gamma:  # Min-SNR: down-weight the easy, low-noise timesteps
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weight = snr.clamp(max=training.min_snr_gamma) / (
+                snr if self.prediction_type == "epsilon" else snr + 1
+            )
+            loss = loss * weight
+        return loss
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
+        sampling = self.config.sampling
+        for name in (*TEXT_ENCODERS, "vae"):
+            getattr(self.pipe, name).to(self.device)
+        width = sampling.width or self.config.dataset.resolution
+        height = sampling.height or self.config.dataset.resolution
+        images = []
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator(self.device).manual_seed(seed + index)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                result = self.pipe(
+                    prompt,
+                    negative_prompt=sampling.negative_prompt or None,
+                    num_inference_steps=sampling.steps,
+                    guidance_scale=sampling.guidance,
+                    width=width,
+                    height=height,
+                    generator=generator,
+                )
+            images.append(result.images[0])
+        return images
+
+    def export_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        }

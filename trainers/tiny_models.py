@@ -1,0 +1,362 @@
+"""Tiny, offline-buildable stand-ins for real models and data, for tests and the demo preset.
+
+Nothing here downloads anything: the tiny SDXL pipeline is assembled from small configs with a
+tokenizer whose vocabulary is generated in code, and the demo dataset is drawn with Pillow.
+The configs follow environment-notes §2 ("Working config dicts", "Smallest configs that work").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw
+
+from trainers.atomic import atomic_write, atomic_write_text, temporary_sibling
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+# Words that become single tokens, so demo captions and test prompts encode compactly. Any other text
+# still tokenizes (byte-level fallback), just into more tokens.
+TOKENIZER_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "sks", "ohwx", "dog", "cat",
+    "person", "style", "red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey",
+    "circle", "square", "triangle", "shape", "background", "small", "large",
+)  # fmt: skip
+
+TOKENIZER_MAX_LENGTH = 77
+
+# Shared by text_encoder (CLIPTextModel) and text_encoder_2 (CLIPTextModelWithProjection).
+# eos_token_id=2 selects CLIP's legacy pooling (argmax of input_ids); it finds EOS only because the
+# tokenizer below gives <|endoftext|> the highest id.
+CLIP_CONFIG: dict = dict(
+    bos_token_id=0,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    pad_token_id=1,
+    vocab_size=1000,
+    hidden_act="gelu",
+    projection_dim=32,
+    max_position_embeddings=TOKENIZER_MAX_LENGTH,
+)
+
+_ADDITION_TIME_EMBED_DIM = 8
+
+# The notes' "(8,16), norm_num_groups=4, transformer_layers_per_block=(1,1)" row: 74,588 parameters,
+# with cross-attention in down_blocks.1, up_blocks.0 and the mid block, so LoRA on to_q/to_k/to_v/to_out.0
+# has targets on both sides of the UNet.
+UNET_CONFIG: dict = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),  # diffusers' legacy name: this is the number of heads
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=_ADDITION_TIME_EMBED_DIM,
+    transformer_layers_per_block=(1, 1),
+    # SDXL's added embedding = 6 micro-conditioning values (each time-embedded) + text_encoder_2's pooled output.
+    projection_class_embeddings_input_dim=6 * _ADDITION_TIME_EMBED_DIM + CLIP_CONFIG["projection_dim"],
+    # SDXL concatenates the hidden states of both text encoders along the feature axis.
+    cross_attention_dim=2 * CLIP_CONFIG["hidden_size"],
+    norm_num_groups=4,
+)
+
+# Four blocks give vae_scale_factor 8 as in real SDXL, so 64 px images map to 8x8 latents.
+VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(8, 8, 8, 8),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=0.13025,
+)
+
+SCHEDULER_CONFIG: dict = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+    num_train_timesteps=1000,
+)
+
+DEMO_CONCEPT_FOLDER = "2_shapes"
+DEMO_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 64), (64, 96))  # (width, height)
+_DEMO_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 180),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+_DEMO_SHAPES = ("circle", "square", "triangle")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Return GPT-2's byte -> printable character table, the alphabet of byte-level BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {byte: chr(code) for byte, code in zip(printable, codes)}
+
+
+def _learn_bpe_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Return BPE merges (in rank order) that turn every word into a single ``word</w>`` symbol.
+
+    Merges are learned the way BPE training does it (most frequent adjacent pair first), because
+    hand-chained per-word merges interfere: an early ("r", "e") from "red" would split "green".
+    Encoding applies merges by rank, so it replays this training and every word ends as one symbol.
+    """
+    byte_chars = _bytes_to_unicode()
+    sequences: list[list[str]] = []
+    for word in dict.fromkeys(words):
+        chars = [byte_chars[b] for b in word.lower().encode("utf-8")]
+        sequences.append(chars[:-1] + [chars[-1] + "</w>"])
+
+    merges: list[tuple[str, str]] = []
+    while True:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for seq in sequences:
+            pair_counts.update(zip(seq, seq[1:]))
+        if not pair_counts:
+            return merges
+        # Ties broken by the pair itself so the vocabulary is identical on every run.
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        sequences = [_apply_merge(seq, best) for seq in sequences]
+
+
+def _apply_merge(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    """Return ``seq`` with every left-to-right occurrence of ``pair`` fused into one symbol."""
+    out: list[str] = []
+    i = 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def make_clip_tokenizer(words: Iterable[str] = TOKENIZER_WORDS) -> CLIPTokenizer:
+    """Return a CLIP tokenizer with a tiny byte-level BPE vocabulary generated in code.
+
+    The vocabulary holds the 256 byte characters, the same with ``</w>``, the merged symbols needed for
+    ``words``, and then ``<|startoftext|>`` and ``<|endoftext|>`` as the two highest ids (see CLIP_CONFIG).
+    """
+    from transformers import CLIPTokenizer
+
+    byte_chars = list(_bytes_to_unicode().values())
+    symbols = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = _learn_bpe_merges(words)
+    symbols += [left + right for left, right in merges]
+    vocab: dict[str, int] = {}
+    for symbol in [*symbols, "<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(symbol, len(vocab))
+    if len(vocab) > CLIP_CONFIG["vocab_size"]:
+        raise ValueError(f"tokenizer vocabulary ({len(vocab)}) exceeds the text encoder's vocab_size")
+    # Without an explicit model_max_length the tokenizer reports 1e30 and the SDXL pipeline pads to it.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny SDXL
+# --------------------------------------------------------------------------------------------------
+
+
+def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """Return an in-memory tiny SDXL pipeline (float32, CPU, every module in eval mode).
+
+    Weights depend only on ``seed``; the caller's global torch RNG state is left untouched.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Construction order fixes which random numbers each module gets; keep it stable.
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_CONFIG))
+        vae = AutoencoderKL(**VAE_CONFIG)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+
+    # Freshly constructed modules start in train mode (dropout active) while from_pretrained returns
+    # eval mode; eval here keeps in-memory and reloaded pipelines bit-identical.
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        module.eval()
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=make_clip_tokenizer(),
+        tokenizer_2=make_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Build a tiny SDXL pipeline and save it (safetensors) to ``folder``; return ``folder``.
+
+    Idempotent: if ``folder/model_index.json`` exists nothing is rebuilt. The pipeline is saved into a
+    hidden temporary sibling and renamed into place, so ``folder`` is either complete or absent.
+    Raises FileExistsError if ``folder`` exists, is not empty and holds no pipeline.
+    """
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    _check_replaceable(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = temporary_sibling(folder)
+    try:
+        make_tiny_sdxl_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        _move_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (folder / "model_index.json").is_file():
+        raise FileExistsError(f"{folder} exists but holds no pipeline (no model_index.json)")
+    return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Raise FileExistsError unless ``folder`` is absent or an empty directory."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        return
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists and is not an empty folder; refusing to overwrite it")
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename ``tmp`` to ``folder``; if another process got there first, keep its copy."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        # A concurrent builder won the race; its result is equivalent (same configs), so ours is dropped
+        # by the caller's cleanup. Anything else leaves folder incomplete and the caller reports it.
+        if not folder.exists():
+            raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo dataset
+# --------------------------------------------------------------------------------------------------
+
+
+def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Path:
+    """Write a small kohya-style dataset of coloured shapes under ``folder/2_shapes``; return ``folder``.
+
+    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a red circle on a blue
+    background"; sizes cycle through 64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the
+    output is deterministic and a repeated call only writes files that are missing. A fresh concept folder
+    is built in a hidden temporary sibling and renamed into place.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    folder = Path(folder)
+    concept = folder / DEMO_CONCEPT_FOLDER
+    if concept.is_dir():
+        _write_demo_files(concept, num_images, seed)
+        return folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(concept)
+    try:
+        tmp.mkdir()
+        _write_demo_files(tmp, num_images, seed)
+        _move_into_place(tmp, concept)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_demo_files(concept: Path, num_images: int, seed: int) -> None:
+    """Write every missing image/caption pair into ``concept``, each file atomically."""
+    for index in range(num_images):
+        image_path = concept / f"shape_{index:03d}.png"
+        caption_path = image_path.with_suffix(".txt")
+        if image_path.is_file() and caption_path.is_file():
+            continue
+        image, caption = make_demo_image(index, seed)
+        atomic_write(image_path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        atomic_write_text(caption_path, caption + "\n")
+
+
+def make_demo_image(index: int, seed: int = 0) -> tuple[Image.Image, str]:
+    """Return demo image number ``index`` (RGB) and its caption; the same arguments give the same image."""
+    # A string seed is hashed with SHA-512 by random.Random, so this is stable across runs and platforms.
+    rng = random.Random(f"ppsf-demo-{seed}-{index}")
+    width, height = DEMO_SIZES[index % len(DEMO_SIZES)]
+    shape = rng.choice(_DEMO_SHAPES)
+    colour, background = rng.sample(sorted(_DEMO_COLOURS), 2)
+
+    image = Image.new("RGB", (width, height), _DEMO_COLOURS[background])
+    side = rng.randint(int(0.45 * min(width, height)), int(0.75 * min(width, height)))
+    left = rng.randint(0, width - side)
+    top = rng.randint(0, height - side)
+    box = (left, top, left + side - 1, top + side - 1)
+    fill = _DEMO_COLOURS[colour]
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(
+            [(left + side // 2, top), (left, top + side - 1), (left + side - 1, top + side - 1)], fill=fill
+        )
+    return image, f"a {colour} {shape} on {_article(background)} {background} background"
+
+
+def _article(word: str) -> str:
+    """Return the indefinite article for ``word`` ("an orange", "a red")."""
+    return "an" if word[0] in "aeiou" else "a"

@@ -1,0 +1,540 @@
+"""The training loop: dataset, caches, LoRA, ppsf_optim with the fused backward pass, samples, checkpoints.
+
+`train(config)` starts a run in runs/<name>/, `resume(run_dir)` continues one from its last checkpoint so
+that the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ppsf_optim import ProdigyPlusScheduleFree
+from trainers.atomic import atomic_write, atomic_write_text
+from trainers.batches import epoch_batches, steps_per_epoch
+from trainers.cache import file_digest, latent_cache, latent_key, text_cache, text_key
+from trainers.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    named_parameters,
+    restore_python_rng,
+    save_checkpoint,
+)
+from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
+from trainers.dataset import (
+    DatasetError,
+    ImageItem,
+    assign_bucket,
+    bucket_summary,
+    load_image,
+    make_buckets,
+    process_caption,
+    scan_dataset,
+)
+from trainers.events import EventLog
+from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
+from trainers.freeze import auto_freeze_due, auto_freeze_window, prodigy_steps_for
+from trainers.models import ModelAdapter, SampleConditioning, adapter_for
+from trainers.paths import path_problems, resolve_dataset_path, resolve_model_path
+
+CONFIG_FILE = "config.toml"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says what to try."""
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    items: list[ImageItem]
+    buckets: list[tuple[int, int]]  # per item
+    skipped: list[tuple[Path, str]]
+
+
+def train(config: TrainConfig) -> Path:
+    """Start a new run; returns its folder."""
+    run_dir = config.run_dir
+    if list_checkpoints(run_dir) or (run_dir / "events.jsonl").exists():
+        raise ConfigError(
+            [f"name: run folder {run_dir} already holds a run; resume it or choose another name"]
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+    return Trainer(config).run(resume_from=None)
+
+
+def resume(run_dir: Path) -> Path:
+    """Continue a run from its newest checkpoint (or start it over if it has none)."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_FILE)
+    checkpoints = list_checkpoints(run_dir)
+    return Trainer(config, run_dir=run_dir).run(resume_from=checkpoints[-1][1] if checkpoints else None)
+
+
+def check(config: TrainConfig) -> tuple[list[str], str]:
+    """(problems, dataset summary) found without loading a model; no problems means ready to train."""
+    problems = path_problems(config) + _missing_packages(config)
+    if problems:
+        return problems, ""
+    try:
+        scan = scan_dataset(resolve_dataset_path(config.dataset.path), config.dataset.caption_extension)
+    except DatasetError as error:
+        return [f"dataset.path: {error}"], ""
+    dataset = config.dataset
+    table = make_buckets(dataset.resolution, max_aspect=dataset.max_aspect)
+    buckets = [assign_bucket(i.width, i.height, table, dataset.no_upscale) for i in scan.items]
+    lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
+    lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
+    if scan.missing_captions:
+        lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
+    return [], "\n".join(lines)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ the run
+    def run(self, resume_from: Path | None) -> Path:
+        events = EventLog(self.run_dir)
+        self.events = events
+        try:
+            self._run(resume_from)
+        except KeyboardInterrupt:
+            events.write("stopped", message="interrupted before the first checkpoint")
+            raise
+        except Exception as error:
+            events.write("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
+            raise
+        finally:
+            events.close()
+        return self.run_dir
+
+    def _run(self, resume_from: Path | None) -> None:
+        config = self.config
+        problems = path_problems(config) + _missing_packages(config)
+        if problems:
+            raise ConfigError(problems)
+        torch.manual_seed(config.training.seed)
+        data = self._prepare_data()
+        total_steps = self._total_steps(data)
+        self.events.write(
+            "start",
+            step=0,
+            total_steps=total_steps,
+            resumed_from=str(resume_from) if resume_from else None,
+            device=str(self.device),
+        )
+
+        local_model = config.model.model_copy(update={"path": resolve_model_path(config.model.path)})
+        adapter = adapter_for(config.model.family)(
+            config.model_copy(update={"model": local_model}), self.device
+        )
+        adapter.load()
+        latents_cached, texts_cached = self._fill_caches(adapter, data)
+        adapter.offload_encoders()
+        torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
+        params_by_component = adapter.add_lora()
+        if config.training.gradient_checkpointing:
+            adapter.set_gradient_checkpointing()
+        optimizer = self._make_optimizer(params_by_component, total_steps)
+        self._write_export_metadata(adapter, data)
+        params = named_parameters(adapter.lora_modules())
+        if config.optimizer.fused_back_pass:
+            optimizer.attach_fused_backward()
+        generator = torch.Generator(self.device).manual_seed(config.training.seed)
+
+        state = TrainerState(step=0, epoch=0, batch_in_epoch=0)
+        rng = random.Random(config.training.seed)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, params, optimizer, generator)
+            restore_python_rng(rng, state.python_rng)
+            self.events.truncate_after(state.step)
+            self.events.write("resumed", step=state.step, checkpoint=str(resume_from))
+        self._loop(
+            adapter, optimizer, params, generator, rng, state, data, total_steps, latents_cached, texts_cached
+        )
+
+    def _loop(
+        self,
+        adapter,
+        optimizer,
+        params,
+        generator,
+        rng,
+        state,
+        data,
+        total_steps,
+        latents_cached,
+        texts_cached,
+    ):
+        config = self.config
+        group_names = self.group_names
+        previous_handlers = self._install_signal_handlers()
+        progress = tqdm(
+            total=total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
+        )
+        accumulation = config.training.gradient_accumulation
+        batches = epoch_batches(
+            data.buckets,
+            [i.repeats for i in data.items],
+            config.training.batch_size,
+            config.training.seed,
+            state.epoch,
+        )
+        try:
+            while state.step < total_steps:
+                started = time.perf_counter()
+                losses, samples = [], 0
+                for _ in range(accumulation):
+                    if state.batch_in_epoch >= len(batches):
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        batches = epoch_batches(
+                            data.buckets,
+                            [i.repeats for i in data.items],
+                            config.training.batch_size,
+                            config.training.seed,
+                            state.epoch,
+                        )
+                    indices = batches[state.batch_in_epoch]
+                    state.batch_in_epoch += 1
+                    loss = self._micro_batch_loss(
+                        adapter, data, indices, rng, generator, latents_cached, texts_cached
+                    )
+                    (loss / accumulation).backward()
+                    losses.append(loss.detach())
+                    samples += len(indices)
+                if not config.optimizer.fused_back_pass:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.step()  # ends the fused step (a no-op when the backward pass already did)
+                state.step += 1
+                loss_value = torch.stack(losses).mean().item()
+                if loss_value != loss_value or loss_value in (float("inf"), float("-inf")):
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {state.step}. Try a lower optimizer.d_coef, "
+                        "training.precision bf16 instead of fp16, or check the dataset; resume from the last "
+                        "checkpoint with `python -m trainers resume RUN_DIR` after changing the config."
+                    )
+                seconds = time.perf_counter() - started
+                self._log_step(optimizer, state, loss_value, seconds, samples, group_names)
+                progress.set_postfix(loss=f"{loss_value:.4f}", d=f"{optimizer.param_groups[0]['d']:.2e}")
+                progress.update(1)
+                self._maybe_freeze(optimizer, state, total_steps)
+                if (
+                    config.sampling.every_n_steps
+                    and state.step % config.sampling.every_n_steps == 0
+                    and state.step < total_steps
+                ):
+                    self._sample(adapter, optimizer, state.step)
+                if self.stop_requested:
+                    self._checkpoint(optimizer, params, generator, rng, state)
+                    self.events.write(
+                        "stopped", step=state.step, message="stopped on request; checkpoint saved"
+                    )
+                    return
+                if (
+                    config.saving.every_n_steps
+                    and state.step % config.saving.every_n_steps == 0
+                    and state.step < total_steps
+                ):
+                    self._checkpoint(optimizer, params, generator, rng, state)
+        finally:
+            progress.close()
+            self._restore_signal_handlers(previous_handlers)
+        final = self._checkpoint(optimizer, params, generator, rng, state)
+        if config.sampling.prompts:
+            self._sample(adapter, optimizer, state.step)
+        exported = export_checkpoint(self.run_dir, final)
+        self.events.write(
+            "done",
+            step=state.step,
+            exported=[str(p) for p in exported],
+            final_d=[g["d"] for g in optimizer.param_groups],
+            skipped_images=len(data.skipped),
+        )
+
+    # ------------------------------------------------------------------ data
+    def _prepare_data(self) -> PreparedData:
+        dataset = self.config.dataset
+        root = resolve_dataset_path(dataset.path)
+        scan = scan_dataset(root, dataset.caption_extension)
+        for path, reason in scan.skipped:
+            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+            self.events.write("warning", message=f"skipped image {path}: {reason}")
+        table = make_buckets(dataset.resolution, max_aspect=dataset.max_aspect)
+        buckets = [assign_bucket(i.width, i.height, table, dataset.no_upscale) for i in scan.items]
+        summary = bucket_summary(buckets)
+        print(summary)
+        self.events.write(
+            "dataset",
+            images=len(scan.items),
+            samples_per_epoch=scan.num_samples,
+            skipped=[[str(p), r] for p, r in scan.skipped],
+            missing_captions=len(scan.missing_captions),
+            buckets={f"{w}x{h}": buckets.count((w, h)) for w, h in sorted(set(buckets))},
+        )
+        return PreparedData(root=root, items=scan.items, buckets=buckets, skipped=scan.skipped)
+
+    def _total_steps(self, data: PreparedData) -> int:
+        training = self.config.training
+        if training.max_steps:
+            return training.max_steps
+        per_epoch = steps_per_epoch(
+            data.buckets, [i.repeats for i in data.items], training.batch_size, training.gradient_accumulation
+        )
+        return per_epoch * training.epochs
+
+    def _captions_are_fixed(self) -> bool:
+        return not self.config.dataset.shuffle_tags and not self.config.lora.train_text_encoder
+
+    def _fill_caches(self, adapter: ModelAdapter, data: PreparedData):
+        """Encode whatever is missing from the latent and text caches; returns the caches (or None)."""
+        dataset = self.config.dataset
+        latents = None
+        if dataset.cache_latents and dataset.crop == "center":
+            latents = latent_cache(data.root, adapter.cache_fingerprint())
+            self.digests = [file_digest(item.path) for item in data.items]
+            for index, item in enumerate(tqdm(data.items, desc="caching latents", unit="image", leave=False)):
+                key = latent_key(self.digests[index], data.buckets[index], dataset.crop)
+                if latents.get(key) is None:
+                    latents.put(
+                        key, self._encode_image(adapter, item, data.buckets[index], random.Random(key))
+                    )
+        elif dataset.cache_latents:
+            self.events.write("warning", message="latents are not cached with dataset.crop = 'random'")
+        texts = None
+        if dataset.cache_text_embeddings and self._captions_are_fixed():
+            texts = text_cache(data.root, adapter.cache_fingerprint())
+            captions = {self._caption(item.caption, random.Random(0), dropout=False) for item in data.items}
+            if dataset.caption_dropout > 0:
+                captions.add("")
+            for caption in tqdm(sorted(captions), desc="caching text", unit="caption", leave=False):
+                if texts.get(text_key(caption)) is None:
+                    with torch.no_grad():
+                        texts.put(
+                            text_key(caption),
+                            {k: v[0] for k, v in adapter.encode_captions([caption]).items()},
+                        )
+        return latents, texts
+
+    def _encode_image(self, adapter, item: ImageItem, bucket, rng) -> dict[str, torch.Tensor]:
+        loaded = load_image(item.path, bucket, self.config.dataset.crop, rng)
+        # the VAE's sample is drawn from its own seed, so cached and fresh latents are the same
+        generator = torch.Generator(self.device).manual_seed(rng.getrandbits(63))
+        latent = adapter.encode_images(loaded.pixels.unsqueeze(0), generator)[0]
+        conditioning = torch.tensor([*loaded.original_size, *loaded.crop_top_left, *loaded.target_size])
+        return {"latents": latent, "conditioning": conditioning}
+
+    def _caption(self, caption: str, rng: random.Random, dropout: bool = True) -> str:
+        dataset = self.config.dataset
+        return process_caption(
+            caption,
+            trigger_word=dataset.trigger_word,
+            shuffle_tags=dataset.shuffle_tags,
+            keep_tokens=dataset.keep_tokens,
+            caption_dropout=dataset.caption_dropout if dropout else 0.0,
+            rng=rng,
+        )
+
+    def _micro_batch_loss(
+        self, adapter, data, indices, rng, generator, latents_cached, texts_cached
+    ) -> torch.Tensor:
+        entries = []
+        for index in indices:
+            item = data.items[index]
+            if latents_cached is not None:
+                key = latent_key(self.digests[index], data.buckets[index], self.config.dataset.crop)
+                entry = latents_cached.get(key) or self._encode_image(adapter, item, data.buckets[index], rng)
+            else:
+                entry = self._encode_image(adapter, item, data.buckets[index], rng)
+            entries.append(entry)
+        captions = [self._caption(data.items[i].caption, rng) for i in indices]
+        if texts_cached is not None:
+            cached = [texts_cached.get(text_key(c)) for c in captions]
+            if any(c is None for c in cached):
+                with torch.no_grad():
+                    text = adapter.encode_captions(captions)
+            else:
+                text = {k: torch.stack([c[k] for c in cached]) for k in cached[0]}
+        else:
+            text = adapter.encode_captions(captions)
+        latents = torch.stack([e["latents"] for e in entries])
+        conditioning = [
+            SampleConditioning(tuple(c[0:2].tolist()), tuple(c[2:4].tolist()), tuple(c[4:6].tolist()))
+            for c in (e["conditioning"] for e in entries)
+        ]
+        return adapter.training_loss(latents, text, conditioning, generator).mean()
+
+    # ------------------------------------------------------------------ optimizer
+    def _make_optimizer(self, params_by_component, total_steps: int) -> ProdigyPlusScheduleFree:
+        opt = self.config.optimizer
+        groups = []
+        self.group_names = []
+        for component, params in params_by_component.items():
+            lr = opt.lr if component == next(iter(params_by_component)) else opt.lr * opt.text_encoder_lr
+            groups.append({"params": params, "lr": lr})
+            self.group_names.append(component)
+        kwargs = opt.optimizer_kwargs()
+        kwargs["prodigy_steps"] = prodigy_steps_for(opt.prodigy_steps, total_steps)
+        kwargs["fused_back_pass"] = False  # attach_fused_backward() turns it on once the hooks exist
+        return ProdigyPlusScheduleFree(groups, **kwargs)
+
+    def _maybe_freeze(
+        self, optimizer: ProdigyPlusScheduleFree, state: TrainerState, total_steps: int
+    ) -> None:
+        ds = [g["d"] for g in optimizer.param_groups]
+        state.d_history = (state.d_history + [ds])[-(auto_freeze_window(total_steps) + 1) :]
+        report = optimizer.telemetry()
+        auto = self.config.optimizer.prodigy_steps == "auto"
+        if auto and not report[0]["d_frozen"] and auto_freeze_due(state.d_history, state.step, total_steps):
+            optimizer.freeze_d()
+            report = optimizer.telemetry()
+        if report[0]["d_frozen"] and not state.d_frozen_logged:
+            state.d_frozen_logged = True
+            self.events.write(
+                "freeze",
+                step=state.step,
+                since_step=report[0]["d_frozen_since_step"],
+                d=ds,
+                rule="auto" if self.config.optimizer.prodigy_steps == "auto" else "prodigy_steps",
+            )
+
+    def _log_step(
+        self, optimizer, state: TrainerState, loss: float, seconds: float, samples: int, names
+    ) -> None:
+        report = optimizer.telemetry()
+        self.events.write(
+            "step",
+            step=state.step,
+            epoch=state.epoch,
+            loss=loss,
+            groups=[{"name": n, "d": r["d"], "lr": r["applied_lr"]} for n, r in zip(names, report)],
+            step_seconds=round(seconds, 4),
+            samples_per_second=round(samples / seconds, 3) if seconds > 0 else None,
+            peak_memory_mb=round(_peak_memory_mb(self.device), 1),
+        )
+        if self.config.training.tensorboard:
+            self._tensorboard(state.step, loss, report, names)
+
+    def _tensorboard(self, step: int, loss: float, report, names) -> None:
+        if not hasattr(self, "_writer"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._writer.add_scalar("loss", loss, step)
+        for name, entry in zip(names, report):
+            self._writer.add_scalar(f"d/{name}", entry["d"], step)
+            self._writer.add_scalar(f"lr/{name}", entry["applied_lr"], step)
+
+    # ------------------------------------------------------------------ samples, checkpoints, export
+    def _sample(self, adapter: ModelAdapter, optimizer: ProdigyPlusScheduleFree, step: int) -> None:
+        sampling = self.config.sampling
+        if not sampling.prompts:
+            return
+        modules = adapter.lora_modules()
+        optimizer.eval()  # sample from the averaged weights x, as they will be exported
+        for module in modules.values():
+            module.eval()
+        try:
+            images = adapter.sample(sampling.prompts, sampling.seed)
+        finally:
+            optimizer.train()
+        folder = self.run_dir / "samples"
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"step-{step:06d}-{index:02d}.png"
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            paths.append(str(path))
+        self.events.write("sample", step=step, paths=paths, prompts=sampling.prompts)
+
+    def _checkpoint(self, optimizer, params, generator, rng, state: TrainerState) -> Path:
+        state.python_rng = list(rng.getstate())
+        folder = save_checkpoint(
+            self.run_dir, state, params, optimizer, generator, self.config.saving.keep_last
+        )
+        self.events.write("checkpoint", step=state.step, path=str(folder))
+        return folder
+
+    def _last_checkpoint_info(self) -> dict:
+        checkpoints = list_checkpoints(self.run_dir)
+        if not checkpoints:
+            return {"last_checkpoint": None}
+        return {"last_checkpoint": str(checkpoints[-1][1]), "last_checkpoint_step": checkpoints[-1][0]}
+
+    def _write_export_metadata(self, adapter: ModelAdapter, data: PreparedData) -> None:
+        """What exported LoRA files say about this run; steps and final d are added from the checkpoint."""
+        from trainers import __version__
+
+        config = self.config
+        metadata = {
+            **adapter.export_metadata(),
+            "ss_base_model": config.model.path,
+            "ss_sd_model_name": Path(config.model.path).name,
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(config.lora.rank),
+            "ss_network_alpha": str(config.lora.effective_alpha),
+            "ss_num_train_images": str(len(data.items)),
+            "ss_resolution": f"({config.dataset.resolution}, {config.dataset.resolution})",
+            "ss_optimizer": "ppsf_optim.ProdigyPlusScheduleFree",
+            "ss_training_comment": f"trained with ppsf-trainer {__version__}",
+            "ppsf_trainer": "ppsf-trainer",
+            "ppsf_trainer_version": __version__,
+            "ppsf_group_names": self.group_names,
+        }
+        atomic_write_text(self.run_dir / EXPORT_METADATA_FILE, json.dumps(metadata, indent=1))
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print(
+                "\nstopping after this step (saving a checkpoint); press Ctrl-C again to abort",
+                file=sys.stderr,
+            )
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _missing_packages(config: TrainConfig) -> list[str]:
+    if config.training.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return [
+                "training.tensorboard: the tensorboard package is not installed (pip install tensorboard)"
+            ]
+    return []
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
