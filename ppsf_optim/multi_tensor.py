@@ -61,12 +61,12 @@ def _unsqueeze_like(values: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _factored_denominator(
-    g: torch.Tensor, states: list[dict], s: StepScalars, dims: tuple[int, int]
+    g: torch.Tensor, states: list[dict], s: StepScalars, dims: tuple[int, int], out: torch.Tensor
 ) -> torch.Tensor:
-    """Update the batch's factored statistics from g; returns sqrt of the rank-1 estimate (a new tensor)."""
+    """Update the batch's factored statistics from g; returns sqrt of the rank-1 estimate, in `out`."""
     shape = g.shape[1:]
     col_dim, row_dim = dims
-    squares = torch.mul(g, g)
+    squares = torch.mul(g, g, out=out)
     rows = torch.stack([st["exp_avg_sq_row"] for st in states])
     cols = torch.stack([st["exp_avg_sq_col"] for st in states])
     for stat, dim in ((rows, row_dim), (cols, col_dim)):
@@ -81,10 +81,10 @@ def _factored_denominator(
     return torch.mul(row_factor, col_factor, out=squares)
 
 
-def _normalised_update_(g: torch.Tensor, states: list[dict], s: StepScalars) -> None:
+def _normalised_update_(g: torch.Tensor, states: list[dict], s: StepScalars, buffer: torch.Tensor) -> None:
     """Second-moment EMA for the batch and g <- g / (sqrt(v) + eps) (or Adam-atan2), in place."""
     if "exp_avg_sq_row" in states[0]:
-        denom = _factored_denominator(g, states, s, factored_dims(g.shape[1:], True))
+        denom = _factored_denominator(g, states, s, factored_dims(g.shape[1:], True), buffer)
     else:
         exp_avg_sq = [st["exp_avg_sq"] for st in states]
         batch = torch.stack(exp_avg_sq)  # in the statistics' dtype, rounded like the reference's in-place ops
@@ -171,6 +171,33 @@ def _schedulefree_(
     torch._foreach_add_(zs, updates, alpha=-s.dlr)
 
 
+class Workspace:
+    """Reusable fp32 buffers for the stacked batches.
+
+    Fresh multi-megabyte allocations are returned to the OS when freed and page-fault again on every
+    step, which on a CPU costs more than the arithmetic; one buffer per role, reused, avoids that.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def batch(self, role: str, like: list[torch.Tensor]) -> torch.Tensor:
+        """An uninitialised fp32 (len(like), *like[0].shape) view of the `role` buffer."""
+        shape = (len(like), *like[0].shape)
+        numel = math.prod(shape)
+        key = (role, like[0].device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(max(numel, MAX_BATCH_ELEMENTS), device=like[0].device)
+        return buffer[:numel].view(shape)
+
+    def stacked(self, role: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """fp32 copies of same-shaped tensors, stacked in the `role` buffer."""
+        batch = self.batch(role, tensors)
+        torch._foreach_copy_(list(batch.unbind(0)), tensors)
+        return batch
+
+
 def step_group(
     params: list[torch.Tensor],
     group: dict[str, Any],
@@ -179,39 +206,28 @@ def step_group(
     acc: GroupAccumulators,
     plan: BatchPlan,
     noise: RoundingNoise,
+    workspace: Workspace,
 ) -> bool:
     """Step every parameter of `params` (all with grads and initialised state). Returns True."""
     if not s.prodigy_active:
         for st in states:
             st.pop("s", None)  # d is frozen: free what only Prodigy needed
             st.pop("p0", None)
-    ys, zs, updates = [], [], []
     for batch in plan.batches_for(params, states, s.prodigy_active):
         batch_params = [params[i] for i in batch.indices]
         grads = [p.grad for p in batch_params]
-        g = _stack_fp32(grads)
+        g = workspace.stacked("update", grads)
         if s.prodigy_active:
             _accumulate_prodigy(g, grads[0].dtype, batch, s, acc)
-        _normalised_update_(g, batch.states, s)
+        _normalised_update_(g, batch.states, s, workspace.batch("denominator", grads))
         if group["use_stableadamw"]:
             _stableadamw_(g, s)
 
-        if batch_params[0].dtype == torch.float32:  # update in place, all fp32 tensors of the group at once
-            ys.extend(batch_params)
-            zs.extend(batch.z)
-            updates.extend(g.unbind(0))
+        if batch_params[0].dtype == torch.float32:  # update the weights in place
+            _schedulefree_(batch_params, batch.z, list(g.unbind(0)), s)
         else:  # bf16 weights: update fp32 copies of the batch, then round stochastically
-            y32, z32 = _stack_fp32(batch_params), _stack_fp32(batch.z)
+            y32, z32 = workspace.stacked("y", batch_params), workspace.stacked("z", batch.z)
             _schedulefree_([y32], [z32], [g], s)
             torch._foreach_copy_(batch_params, list(noise.round_(y32).unbind(0)))
             torch._foreach_copy_(batch.z, list(noise.round_(z32).unbind(0)))
-    if ys:
-        _schedulefree_(ys, zs, updates, s)
     return True
-
-
-def _stack_fp32(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One fp32 batch holding copies of same-shaped tensors."""
-    batch = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32, device=tensors[0].device)
-    torch._foreach_copy_(list(batch.unbind(0)), tensors)
-    return batch

@@ -160,6 +160,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         self._updated_groups: set[int] = set()
         self._callback_queued = False
         self._rounding_noise = RoundingNoise()
+        self._workspace = multi_tensor.Workspace()
         self._batch_plans: dict[int, multi_tensor.BatchPlan] = {}
         self._group_of_param: dict[int, int] = {}
         self._pending: list[torch.Tensor] = []  # fused pass: parameters whose gradients wait in the bucket
@@ -266,7 +267,14 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if multi_tensor.supports(group, group_params):
                 plan = self._batch_plans.setdefault(index, multi_tensor.BatchPlan())
                 updated = multi_tensor.step_group(
-                    group_params, group, states, scalars[index], acc, plan, self._rounding_noise
+                    group_params,
+                    group,
+                    states,
+                    scalars[index],
+                    acc,
+                    plan,
+                    self._rounding_noise,
+                    self._workspace,
                 )
             else:
                 updated = False

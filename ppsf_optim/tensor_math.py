@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # Prodigy's statistics use every 11th element of a flattened tensor (Prodigy PR #22).
@@ -81,11 +83,16 @@ class RoundingNoise:
         return pool[: self.POOL_SIZE].repeat(repeats)[offset : offset + numel]
 
     def round_(self, work: torch.Tensor) -> torch.Tensor:
-        """fp32 `work` rounded in place to bf16-representable values; returns it."""
+        """fp32 `work` rounded stochastically to bf16; returns a bf16 view into `work`'s memory.
+
+        After the noise is added, the upper 16 bits of each fp32 value are the rounded bf16 value, so
+        they are read in place instead of masking the lower bits and converting.
+        """
         bits = work.view(dtype=torch.int32)
         bits.add_(self.window(work.numel(), work.device).view(work.shape))
-        bits.bitwise_and_(-65536)
-        return work
+        halves = bits.view(dtype=torch.int16).view(*work.shape[:-1], work.shape[-1], 2)
+        upper = 1 if sys.byteorder == "little" else 0
+        return halves[..., upper].view(dtype=torch.bfloat16)
 
 
 def write_back(target: torch.Tensor, source: torch.Tensor, stochastic_rounding: bool) -> None:

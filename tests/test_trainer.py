@@ -412,3 +412,17 @@ def test_repo_id_missing_offline_is_reported_before_loading(
         "model.path: 'someone/not-downloaded-sdxl' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
         "download it first or give a local folder"
     ]
+
+
+def test_auto_prodigy_steps_freezes_once_d_is_flat(tmp_path, tiny_model, dataset) -> None:
+    run_dir = run(
+        tmp_path, tiny_model, dataset, training={"max_steps": 70}, optimizer={"prodigy_steps": "auto"}
+    )
+    events = read_events(run_dir)
+    freezes = [e for e in events if e["type"] == "freeze"]
+    assert len(freezes) == 1 and freezes[0]["rule"] == "auto"
+    frozen_at = freezes[0]["step"]
+    assert 40 <= frozen_at < 70  # not before two windows of 20 steps
+    ds = [e["groups"][0]["d"] for e in events if e["type"] == "step"]
+    assert ds[frozen_at - 21] * 1.01 >= ds[frozen_at - 1], "d was flat over the window when it froze"
+    assert len(set(ds[frozen_at:])) == 1
