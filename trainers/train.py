@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import resource
 import signal
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ppsf_optim import ProdigyPlusScheduleFree
 from trainers.atomic import atomic_write, atomic_write_text
 from trainers.batches import epoch_batches, steps_per_epoch
-from trainers.cache import file_digest, latent_cache, latent_key, text_cache, text_key
+from trainers.cache import TensorCache, file_digest, latent_cache, latent_key, text_cache, text_key
 from trainers.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -61,6 +62,28 @@ class PreparedData:
     items: list[ImageItem]
     buckets: list[tuple[int, int]]  # per item
     skipped: list[tuple[Path, str]]
+
+
+@dataclass
+class _Session:
+    """Everything one run's loop works on."""
+
+    adapter: ModelAdapter
+    optimizer: ProdigyPlusScheduleFree
+    params: dict[str, torch.nn.Parameter]
+    generator: torch.Generator  # noise and timesteps
+    rng: random.Random  # caption shuffling/dropout and random crops
+    state: TrainerState
+    data: PreparedData
+    total_steps: int
+    latents: TensorCache | None
+    texts: TensorCache | None
+    batches: list[list[int]] | None = None  # the current epoch's order
+
+
+def _due(every: int, step: int, total_steps: int) -> bool:
+    """A periodic action at `step` (the final step has its own)."""
+    return bool(every) and step % every == 0 and step < total_steps
 
 
 def train(config: TrainConfig) -> Path:
@@ -146,7 +169,7 @@ class Trainer:
             config.model_copy(update={"model": local_model}), self.device
         )
         adapter.load()
-        latents_cached, texts_cached = self._fill_caches(adapter, data)
+        latents, texts = self._fill_caches(adapter, data)
         adapter.offload_encoders()
         torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
         params_by_component = adapter.add_lora()
@@ -167,108 +190,84 @@ class Trainer:
             self.events.truncate_after(state.step)
             self.events.write("resumed", step=state.step, checkpoint=str(resume_from))
         self._loop(
-            adapter, optimizer, params, generator, rng, state, data, total_steps, latents_cached, texts_cached
+            _Session(adapter, optimizer, params, generator, rng, state, data, total_steps, latents, texts)
         )
 
-    def _loop(
-        self,
-        adapter,
-        optimizer,
-        params,
-        generator,
-        rng,
-        state,
-        data,
-        total_steps,
-        latents_cached,
-        texts_cached,
-    ):
-        config = self.config
-        group_names = self.group_names
+    def _loop(self, run: _Session) -> None:
+        config, state = self.config, run.state
         previous_handlers = self._install_signal_handlers()
         progress = tqdm(
-            total=total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
-        )
-        accumulation = config.training.gradient_accumulation
-        batches = epoch_batches(
-            data.buckets,
-            [i.repeats for i in data.items],
-            config.training.batch_size,
-            config.training.seed,
-            state.epoch,
+            total=run.total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
         )
         try:
-            while state.step < total_steps:
+            while state.step < run.total_steps:
                 started = time.perf_counter()
-                losses, samples = [], 0
-                for _ in range(accumulation):
-                    if state.batch_in_epoch >= len(batches):
-                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                        batches = epoch_batches(
-                            data.buckets,
-                            [i.repeats for i in data.items],
-                            config.training.batch_size,
-                            config.training.seed,
-                            state.epoch,
-                        )
-                    indices = batches[state.batch_in_epoch]
-                    state.batch_in_epoch += 1
-                    loss = self._micro_batch_loss(
-                        adapter, data, indices, rng, generator, latents_cached, texts_cached
-                    )
-                    (loss / accumulation).backward()
-                    losses.append(loss.detach())
-                    samples += len(indices)
-                if not config.optimizer.fused_back_pass:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.step()  # ends the fused step (a no-op when the backward pass already did)
+                loss, samples = self._train_step(run)
                 state.step += 1
-                loss_value = torch.stack(losses).mean().item()
-                if loss_value != loss_value or loss_value in (float("inf"), float("-inf")):
+                if not math.isfinite(loss):
                     raise TrainingError(
-                        f"loss became {loss_value} at step {state.step}. Try a lower optimizer.d_coef, "
+                        f"loss became {loss} at step {state.step}. Try a lower optimizer.d_coef, "
                         "training.precision bf16 instead of fp16, or check the dataset; resume from the last "
                         "checkpoint with `python -m trainers resume RUN_DIR` after changing the config."
                     )
-                seconds = time.perf_counter() - started
-                self._log_step(optimizer, state, loss_value, seconds, samples, group_names)
-                progress.set_postfix(loss=f"{loss_value:.4f}", d=f"{optimizer.param_groups[0]['d']:.2e}")
+                self._log_step(run.optimizer, state, loss, time.perf_counter() - started, samples)
+                progress.set_postfix(loss=f"{loss:.4f}", d=f"{run.optimizer.param_groups[0]['d']:.2e}")
                 progress.update(1)
-                self._maybe_freeze(optimizer, state, total_steps)
-                if (
-                    config.sampling.every_n_steps
-                    and state.step % config.sampling.every_n_steps == 0
-                    and state.step < total_steps
-                ):
-                    self._sample(adapter, optimizer, state.step)
+                self._maybe_freeze(run.optimizer, state, run.total_steps)
+                if _due(config.sampling.every_n_steps, state.step, run.total_steps):
+                    self._sample(run.adapter, run.optimizer, state.step)
                 if self.stop_requested:
-                    self._checkpoint(optimizer, params, generator, rng, state)
+                    self._checkpoint(run)
                     self.events.write(
                         "stopped", step=state.step, message="stopped on request; checkpoint saved"
                     )
                     return
-                if (
-                    config.saving.every_n_steps
-                    and state.step % config.saving.every_n_steps == 0
-                    and state.step < total_steps
-                ):
-                    self._checkpoint(optimizer, params, generator, rng, state)
+                if _due(config.saving.every_n_steps, state.step, run.total_steps):
+                    self._checkpoint(run)
         finally:
             progress.close()
             self._restore_signal_handlers(previous_handlers)
-        final = self._checkpoint(optimizer, params, generator, rng, state)
+        final = self._checkpoint(run)
         if config.sampling.prompts:
-            self._sample(adapter, optimizer, state.step)
+            self._sample(run.adapter, run.optimizer, state.step)
         exported = export_checkpoint(self.run_dir, final)
         self.events.write(
             "done",
             step=state.step,
             exported=[str(p) for p in exported],
-            final_d=[g["d"] for g in optimizer.param_groups],
-            skipped_images=len(data.skipped),
+            final_d=[g["d"] for g in run.optimizer.param_groups],
+            skipped_images=len(run.data.skipped),
         )
+
+    def _train_step(self, run: _Session) -> tuple[float, int]:
+        """Forward and backward over the step's micro-batches, then the optimizer; (mean loss, samples)."""
+        accumulation = self.config.training.gradient_accumulation
+        losses, samples = [], 0
+        for _ in range(accumulation):
+            indices = self._next_batch(run)
+            loss = self._micro_batch_loss(run, indices)
+            (loss / accumulation).backward()
+            losses.append(loss.detach())
+            samples += len(indices)
+        run.optimizer.step()  # with the fused pass this only ends a step the backward pass left open
+        if not self.config.optimizer.fused_back_pass:
+            run.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).mean().item(), samples
+
+    def _next_batch(self, run: _Session) -> list[int]:
+        """Item indices of the next batch, moving to the next epoch's order when one is used up."""
+        state, training = run.state, self.config.training
+        repeats = [item.repeats for item in run.data.items]
+        if run.batches is None or state.batch_in_epoch >= len(run.batches):
+            if run.batches is not None:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            run.batches = epoch_batches(
+                run.data.buckets, repeats, training.batch_size, training.seed, state.epoch
+            )
+            if state.batch_in_epoch >= len(run.batches):  # resumed exactly at the end of an epoch
+                return self._next_batch(run)
+        state.batch_in_epoch += 1
+        return run.batches[state.batch_in_epoch - 1]
 
     # ------------------------------------------------------------------ data
     def _prepare_data(self) -> PreparedData:
@@ -353,9 +352,9 @@ class Trainer:
             rng=rng,
         )
 
-    def _micro_batch_loss(
-        self, adapter, data, indices, rng, generator, latents_cached, texts_cached
-    ) -> torch.Tensor:
+    def _micro_batch_loss(self, run: _Session, indices: list[int]) -> torch.Tensor:
+        adapter, data, rng = run.adapter, run.data, run.rng
+        latents_cached, texts_cached = run.latents, run.texts
         entries = []
         for index in indices:
             item = data.items[index]
@@ -380,7 +379,7 @@ class Trainer:
             SampleConditioning(tuple(c[0:2].tolist()), tuple(c[2:4].tolist()), tuple(c[4:6].tolist()))
             for c in (e["conditioning"] for e in entries)
         ]
-        return adapter.training_loss(latents, text, conditioning, generator).mean()
+        return adapter.training_loss(latents, text, conditioning, run.generator).mean()
 
     # ------------------------------------------------------------------ optimizer
     def _make_optimizer(self, params_by_component, total_steps: int) -> ProdigyPlusScheduleFree:
@@ -416,9 +415,8 @@ class Trainer:
                 rule="auto" if self.config.optimizer.prodigy_steps == "auto" else "prodigy_steps",
             )
 
-    def _log_step(
-        self, optimizer, state: TrainerState, loss: float, seconds: float, samples: int, names
-    ) -> None:
+    def _log_step(self, optimizer, state: TrainerState, loss: float, seconds: float, samples: int) -> None:
+        names = self.group_names
         report = optimizer.telemetry()
         self.events.write(
             "step",
@@ -464,10 +462,11 @@ class Trainer:
             paths.append(str(path))
         self.events.write("sample", step=step, paths=paths, prompts=sampling.prompts)
 
-    def _checkpoint(self, optimizer, params, generator, rng, state: TrainerState) -> Path:
-        state.python_rng = list(rng.getstate())
+    def _checkpoint(self, run: _Session) -> Path:
+        state = run.state
+        state.python_rng = list(run.rng.getstate())
         folder = save_checkpoint(
-            self.run_dir, state, params, optimizer, generator, self.config.saving.keep_last
+            self.run_dir, state, run.params, run.optimizer, run.generator, self.config.saving.keep_last
         )
         self.events.write("checkpoint", step=state.step, path=str(folder))
         return folder
