@@ -6,11 +6,11 @@ Everything a user can set lives here; the UI writes these files and the trainer 
 from __future__ import annotations
 
 import difflib
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_SCHEME = "demo://"  # demo://tiny-sdxl and demo://shapes are generated on first use
@@ -43,7 +43,7 @@ class DatasetConfig(_Section):
     path: str = Field(
         description="Folder of images with same-named .txt captions (kohya N_concept folders work)."
     )
-    caption_extension: str = ".txt"
+    caption_extension: str = Field(".txt", description="Extension of the caption file next to each image.")
     trigger_word: str | None = Field(None, description="Added as the first tag of every caption.")
     shuffle_tags: bool = Field(
         False, description="Shuffle comma-separated tags each time (keeps the first N)."
@@ -53,7 +53,9 @@ class DatasetConfig(_Section):
     resolution: int = Field(1024, description="Training area is resolution²; must be a multiple of 64.")
     max_aspect: float = Field(2.0, ge=1.0, description="Widest bucket aspect ratio.")
     no_upscale: bool = Field(True, description="Never upscale small images to a bucket; use their own size.")
-    crop: Literal["center", "random"] = "center"
+    crop: Literal["center", "random"] = Field(
+        "center", description="How images are cropped to their bucket; random crops are not cached."
+    )
     cache_latents: bool = Field(True, description="Encode images once and reuse the latents from disk.")
     cache_text_embeddings: bool = Field(
         True, description="Encode captions once (only when captions are fixed and text encoders frozen)."
@@ -70,14 +72,15 @@ class DatasetConfig(_Section):
 class LoraConfig(_Section):
     rank: int = Field(32, gt=0, description="LoRA rank (dim).")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means equal to rank (scale 1).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path while training.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
         description="UNet module names that get a LoRA.",
     )
     train_text_encoder: bool = Field(False, description="Also train LoRAs on both text encoders.")
     text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        description="Text-encoder module names that get a LoRA when text encoders train.",
     )
 
     @property
@@ -88,16 +91,20 @@ class LoraConfig(_Section):
 class TrainingConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     epochs: int | None = Field(None, gt=0, description="Or stop after this many passes over the dataset.")
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0, description="Images per step (all from the same bucket).")
     gradient_accumulation: int = Field(
         1, gt=0, description="Micro-batches per step (not with fused backward)."
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Frozen base weights and autocast; LoRA weights stay fp32, the VAE runs in fp32."
     )
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    noise_offset: float = Field(0.0, ge=0.0)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less VRAM, ~30% slower."
+    )
+    seed: int = Field(42, description="Seed of LoRA init, data order, noise and timesteps.")
+    noise_offset: float = Field(
+        0.0, ge=0.0, description="Per-channel noise shift (e.g. 0.03) for darker/brighter images."
+    )
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5 is common).")
     tensorboard: bool = Field(False, description="Also log the scalars to runs/<name>/tensorboard.")
 
@@ -113,11 +120,13 @@ class OptimizerConfig(_Section):
 
     lr: float = Field(1.0, gt=0, description="Multiplier on Prodigy's d; keep 1.0.")
     text_encoder_lr: float = Field(1.0, gt=0, description="lr multiplier of the text-encoder groups.")
-    betas: tuple[float, float] = (0.9, 0.99)
-    beta3: float | None = None
-    weight_decay: float = Field(0.0, ge=0.0)
-    weight_decay_by_lr: bool = True
-    use_bias_correction: bool = False
+    betas: tuple[float, float] = Field(
+        (0.9, 0.99), description="beta1: schedule-free interpolation; beta2: second-moment decay."
+    )
+    beta3: float | None = Field(None, description="Decay of Prodigy's d statistics; empty means sqrt(beta2).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (0 is usual for LoRA).")
+    weight_decay_by_lr: bool = Field(True, description="Scale weight decay by the step size, as AdamW does.")
+    use_bias_correction: bool = Field(False, description="Bias-corrected beta2; damps d early on.")
     d0: float = Field(1e-6, gt=0, description="Starting d; raise to 1e-5 if d stays flat.")
     d_coef: float = Field(1.0, gt=0, description="Multiplier on the d estimate: the knob to tune.")
     prodigy_steps: int | float | Literal["auto"] = Field(
@@ -128,22 +137,34 @@ class OptimizerConfig(_Section):
     eps: float | Literal["atan2"] = Field(
         1e-8, description='"atan2" selects Adam-atan2 (eps=None in Python).'
     )
-    split_groups: bool = True
-    split_groups_mean: bool = True
-    factored: bool = True
-    factored_fp32: bool = True
+    split_groups: bool = Field(True, description="One d per parameter group (UNet, each text encoder).")
+    split_groups_mean: bool = Field(
+        True, description="Step every group with the harmonic mean of the groups' d."
+    )
+    factored: bool = Field(True, description="Adafactor-style factored second moment: about half the memory.")
+    factored_fp32: bool = Field(True, description="Keep factored statistics in fp32.")
     fused_back_pass: bool = Field(True, description="Step inside backward and free each gradient at once.")
-    use_stableadamw: bool = True
-    use_muon_pp: bool = False
-    use_cautious: bool = False
-    use_grams: bool = False
-    use_adopt: bool = False
-    use_speed: bool = False
-    use_orthograd: bool = False
-    use_focus: bool = False
-    d_limiter: bool = False
-    schedulefree_c: float = Field(0.0, ge=0.0)
-    stochastic_rounding: bool = True
+    use_stableadamw: bool = Field(
+        True, description="Scale down updates whose RMS is large (built-in clipping)."
+    )
+    use_muon_pp: bool = Field(False, description="Experimental: orthogonalise matrix gradients (Muon).")
+    use_cautious: bool = Field(
+        False, description="Experimental: only step where update and step agree in sign."
+    )
+    use_grams: bool = Field(False, description="Experimental: step magnitude with the update's sign.")
+    use_adopt: bool = Field(
+        False, description="Experimental: normalise by the second moment before this gradient."
+    )
+    use_speed: bool = Field(
+        False, description="Experimental: SPEED's d rule (reported erratic on diffusion)."
+    )
+    use_orthograd: bool = Field(False, description="Remove the update's component along the weights.")
+    use_focus: bool = Field(False, description="Experimental: FOCUS sign update; needs factored = false.")
+    d_limiter: bool = Field(False, description="Let d grow at most 2^0.25 per step.")
+    schedulefree_c: float = Field(
+        0.0, ge=0.0, description="Refined averaging strength (6-12 short runs, 50-200 long); 0 = off."
+    )
+    stochastic_rounding: bool = Field(True, description="Round bf16 weights stochastically (unbiased).")
 
     @field_validator("prodigy_steps")
     @classmethod
@@ -165,25 +186,28 @@ class OptimizerConfig(_Section):
 
 class SamplingConfig(_Section):
     prompts: list[str] = Field(default_factory=list, description="One image per prompt at each sample step.")
-    negative_prompt: str = ""
+    negative_prompt: str = Field("", description="Negative prompt for every sample.")
     every_n_steps: int = Field(0, ge=0, description="0 = only at the end.")
-    seed: int = 42
-    steps: int = Field(25, gt=0)
-    guidance: float = Field(6.0, ge=0.0)
+    seed: int = Field(42, description="Sample i uses seed + i, the same at every sample step.")
+    steps: int = Field(25, gt=0, description="Denoising steps per sample.")
+    guidance: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale of the samples.")
     width: int | None = Field(None, description="Defaults to dataset.resolution.")
-    height: int | None = None
+    height: int | None = Field(None, description="Defaults to dataset.resolution.")
 
 
 class SavingConfig(_Section):
     every_n_steps: int = Field(250, ge=0, description="Checkpoint (LoRA + optimizer state) every N steps.")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
-    formats: list[Literal["kohya", "diffusers"]] = Field(default_factory=lambda: ["kohya", "diffusers"])
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    formats: list[Literal["kohya", "diffusers"]] = Field(
+        default_factory=lambda: ["kohya", "diffusers"],
+        description="kohya for ComfyUI and A1111/Forge; diffusers for pipe.load_lora_weights.",
+    )
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Precision of exported LoRA files.")
 
 
 class TrainConfig(_Section):
     name: str = Field(description="Run name: the run folder is output_dir/name.")
-    output_dir: str = "runs"
+    output_dir: str = Field("runs", description="Folder that holds the run folders.")
     model: ModelConfig
     dataset: DatasetConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)

@@ -136,15 +136,18 @@ class Trainer:
     def run(self, resume_from: Path | None) -> Path:
         events = EventLog(self.run_dir)
         self.events = events
+        # a stop asked for while models load is honoured at the first step boundary
+        previous_handlers = self._install_signal_handlers()
         try:
             self._run(resume_from)
         except KeyboardInterrupt:
-            events.write("stopped", message="interrupted before the first checkpoint")
+            events.write("stopped", message="aborted by a second Ctrl-C", **self._last_checkpoint_info())
             raise
         except Exception as error:
             events.write("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
             raise
         finally:
+            self._restore_signal_handlers(previous_handlers)
             events.close()
         return self.run_dir
 
@@ -195,7 +198,11 @@ class Trainer:
 
     def _loop(self, run: _Session) -> None:
         config, state = self.config, run.state
-        previous_handlers = self._install_signal_handlers()
+        if self.stop_requested:
+            self.events.write(
+                "stopped", step=state.step, message="stopped before the first step; nothing to save"
+            )
+            return
         progress = tqdm(
             total=run.total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
         )
@@ -226,7 +233,6 @@ class Trainer:
                     self._checkpoint(run)
         finally:
             progress.close()
-            self._restore_signal_handlers(previous_handlers)
         final = self._checkpoint(run)
         if config.sampling.prompts:
             self._sample(run.adapter, run.optimizer, state.step)

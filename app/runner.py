@@ -1,0 +1,226 @@
+"""Starting, stopping and resuming the trainer as a child process; the run folder keeps everything.
+
+A started trainer gets runs/<name>/trainer.pid (so a restarted UI finds it again) and writes its output
+to runs/<name>/train.log. Whether a run is going is read from that pid file each time it is asked.
+Commands are argument lists, never shell strings, so typed paths are never interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainers.atomic import atomic_write_text
+from trainers.checkpoint import list_checkpoints
+from trainers.config import TrainConfig, dump_config
+from trainers.events import EVENTS_FILE
+
+PID_FILE = "trainer.pid"
+LOG_FILE = "train.log"
+REQUEST_FILE = "ui-config.toml"  # the config as submitted; the trainer writes the resolved config.toml
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Our own children, so their exit is reaped (a zombie would look alive). Status never comes from here.
+_children: dict[int, subprocess.Popen] = {}
+
+
+class RunnerError(RuntimeError):
+    """A start/stop/resume that cannot happen; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- commands
+def trainer_command(action: str, target: Path) -> list[str]:
+    """[python, -m, trainers, action, target]: the argument list a trainer is started with."""
+    return [sys.executable, "-m", "trainers", action, str(target)]
+
+
+def start_run(config: TrainConfig) -> Path:
+    """Write the config into its run folder and start `python -m trainers train` on it; returns the folder.
+
+    Raises RunnerError if the folder already holds a run (resume it instead) or a trainer is running there.
+    """
+    run_dir = Path(config.run_dir).resolve()
+    if trainer_pid(run_dir) is not None:
+        raise RunnerError(f"a trainer is already running in {run_dir}")
+    if holds_run(run_dir):
+        raise RunnerError(
+            f"run folder {run_dir} already holds a run: resume it on the Run tab, or choose another name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    request = run_dir / REQUEST_FILE
+    atomic_write_text(request, dump_config(config))
+    _spawn(trainer_command("train", request), run_dir)
+    return run_dir
+
+
+def resume_run(run_dir: Path) -> Path:
+    """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot."""
+    run_dir = Path(run_dir).resolve()
+    if trainer_pid(run_dir) is not None:
+        raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
+    if not (run_dir / "config.toml").is_file():
+        raise RunnerError(f"{run_dir} has no config.toml (the trainer never started there); start a new run")
+    _spawn(trainer_command("resume", run_dir), run_dir)
+    return run_dir
+
+
+def stop_run(run_dir: Path, sig: int = signal.SIGINT) -> bool:
+    """Ask the run's trainer to stop (it finishes the step, checkpoints, logs "stopped"); False if none runs."""
+    pid = trainer_pid(run_dir)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _spawn(command: list[str], run_dir: Path) -> int:
+    env = dict(os.environ)
+    # `-m trainers` must import this checkout whatever folder the UI was started from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = Path(run_dir) / LOG_FILE
+    with log_path.open("ab") as log:
+        log.write(f"\n[ui {time.strftime('%Y-%m-%d %H:%M:%S')}] {' '.join(command)}\n".encode())
+        log.flush()
+        # A session of its own: Ctrl-C in the UI's terminal must not kill a run the UI does not own.
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    _children[child.pid] = child
+    record = {"pid": child.pid, "command": command, "started": time.time()}
+    atomic_write_text(Path(run_dir) / PID_FILE, json.dumps(record))
+    return child.pid
+
+
+# ---------------------------------------------------------------- status
+def holds_run(run_dir: Path) -> bool:
+    """Whether the trainer already started in this folder (it refuses to start a second run there)."""
+    return (Path(run_dir) / EVENTS_FILE).exists() or bool(list_checkpoints(run_dir))
+
+
+def read_pid(run_dir: Path) -> int | None:
+    """The pid recorded in the run's trainer.pid, or None."""
+    try:
+        return int(json.loads((Path(run_dir) / PID_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def trainer_pid(run_dir: Path) -> int | None:
+    """The pid of the trainer running in `run_dir`, or None (a stale pid file is removed)."""
+    pid = read_pid(run_dir)
+    if pid is None:
+        return None
+    if is_trainer_alive(pid):
+        return pid
+    _reap(pid, Path(run_dir))
+    (Path(run_dir) / PID_FILE).unlink(missing_ok=True)
+    return None
+
+
+def is_trainer_alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) trainer process."""
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no /proc to look closer (macOS): trust the signal
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    # A recycled pid belongs to some other program.
+    return state != "Z" and b"trainers" in cmdline
+
+
+def _reap(pid: int, run_dir: Path) -> None:
+    child = _children.pop(pid, None)
+    if child is None:
+        return
+    code = child.wait()
+    with (run_dir / LOG_FILE).open("a", encoding="utf-8") as log:
+        log.write(f"\n[ui {time.strftime('%Y-%m-%d %H:%M:%S')}] trainer exited with code {code}\n")
+
+
+def wait_for_exit(run_dir: Path, timeout: float) -> bool:
+    """Wait until no trainer runs in `run_dir`; False if one still does after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while trainer_pid(run_dir) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+# ---------------------------------------------------------------- runs folder
+def list_run_dirs(runs_dir: Path) -> list[Path]:
+    """Run folders under `runs_dir` (those with events, a config or a pid file), newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    markers = (EVENTS_FILE, "config.toml", PID_FILE, REQUEST_FILE)
+    found = [p for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in markers)]
+    return sorted(found, key=_last_activity, reverse=True)
+
+
+def _last_activity(run_dir: Path) -> float:
+    times = [
+        (run_dir / name).stat().st_mtime
+        for name in (EVENTS_FILE, LOG_FILE, PID_FILE)
+        if (run_dir / name).exists()
+    ]
+    return max(times, default=run_dir.stat().st_mtime)
+
+
+def running_runs(runs_dir: Path) -> list[Path]:
+    """Run folders under `runs_dir` whose trainer is running now."""
+    return [run_dir for run_dir in list_run_dirs(runs_dir) if trainer_pid(run_dir) is not None]
+
+
+def one_at_a_time_refusal(runs_dir: Path, allow_parallel: bool, run_dir: Path | None = None) -> str | None:
+    """Why a run may not start now (another one under `runs_dir` is training), or None if it may.
+
+    `run_dir` is the run about to start or resume; it does not count against itself.
+    """
+    if allow_parallel:
+        return None
+    others = [r for r in running_runs(runs_dir) if run_dir is None or r.resolve() != Path(run_dir).resolve()]
+    if not others:
+        return None
+    return (
+        f"run {others[0].name} is still training, and this UI runs one at a time: stop it first "
+        "(or start the UI with --allow-parallel-runs)"
+    )
+
+
+def log_tail(run_dir: Path, lines: int = 40, max_bytes: int = 200_000) -> str:
+    """The last `lines` lines of train.log, progress-bar redraws (carriage returns) collapsed."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return ""
+    with path.open("rb") as file:
+        file.seek(max(0, path.stat().st_size - max_bytes))
+        text = file.read().decode("utf-8", errors="replace")
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.rstrip("\r\n").split("\n")]
+    return "\n".join(shown[-lines:])

@@ -1,0 +1,136 @@
+"""Start the ppsf-trainer UI: python launch.py [--port 7860] [--listen --auth user:password] [--share].
+
+Listens on 127.0.0.1 by default. Reaching it from other machines (--listen, --share) requires a login,
+given as --auth user:password or the PPSF_AUTH environment variable; without one it refuses to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+
+LOCAL_HOST = "127.0.0.1"
+ALL_INTERFACES = "0.0.0.0"
+DEFAULT_PORT = 7860
+AUTH_ENV = "PPSF_AUTH"
+
+
+class LaunchError(ValueError):
+    """Arguments the UI refuses to start with; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How to serve the UI, parsed and checked."""
+
+    host: str = LOCAL_HOST
+    port: int = DEFAULT_PORT
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    runs_dir: Path = Path("runs")
+    presets_dir: Path | None = None
+    allow_parallel_runs: bool = False
+    open_browser: bool = False
+
+
+def parse_auth(text: str) -> tuple[str, str]:
+    """ "user:password" -> (user, password); the password may contain ":". Raises LaunchError."""
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise LaunchError("--auth (or PPSF_AUTH) must look like user:password, both non-empty")
+    return user.strip(), password
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of launch.py."""
+    parser = argparse.ArgumentParser(prog="python launch.py", description="ppsf-trainer UI (Gradio)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})"
+    )
+    parser.add_argument("--listen", action="store_true", help=f"listen on {ALL_INTERFACES} (needs --auth)")
+    parser.add_argument(
+        "--share", action="store_true", help="also open a public gradio.live link (needs --auth)"
+    )
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help=f"require this login (or set {AUTH_ENV})")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs live (default: runs)")
+    parser.add_argument(
+        "--presets-dir", type=Path, default=None, help="preset TOML files (default: presets/)"
+    )
+    parser.add_argument(
+        "--allow-parallel-runs", action="store_true", help="allow starting a run while another one trains"
+    )
+    parser.add_argument("--inbrowser", action="store_true", help="open the UI in the default browser")
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> LaunchSettings:
+    """Parse and check the command line (and PPSF_AUTH from `env`); raises LaunchError on unsafe settings."""
+    args = argument_parser().parse_args(argv)
+    env = os.environ if env is None else env
+    auth_text = args.auth if args.auth is not None else env.get(AUTH_ENV, "")
+    auth = parse_auth(auth_text) if auth_text else None
+    if not 0 < args.port < 65536:
+        raise LaunchError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag, wanted in (("--listen", args.listen), ("--share", args.share)):
+        if wanted and auth is None:
+            raise LaunchError(
+                f"{flag} makes the UI reachable from other machines, so it needs a login: "
+                f"add --auth user:password (or set {AUTH_ENV}=user:password)"
+            )
+    return LaunchSettings(
+        host=ALL_INTERFACES if args.listen else LOCAL_HOST,
+        port=args.port,
+        share=args.share,
+        auth=auth,
+        runs_dir=args.runs_dir,
+        presets_dir=args.presets_dir,
+        allow_parallel_runs=args.allow_parallel_runs,
+        open_browser=args.inbrowser,
+    )
+
+
+def launch(settings: LaunchSettings, block: bool = True):
+    """Build and serve the UI; with block=False return the running gr.Blocks at once (tests close it)."""
+    from app.ui import CSS, PRESETS_DIR, THEME, build_ui
+    from trainers.paths import demo_root
+
+    demo = build_ui(
+        runs_dir=settings.runs_dir,
+        presets_dir=settings.presets_dir or PRESETS_DIR,
+        allow_parallel_runs=settings.allow_parallel_runs,
+    )
+    demo.queue().launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=settings.auth,
+        inbrowser=settings.open_browser,
+        prevent_thread_lock=not block,
+        # sample images and exported files are served from these folders only
+        allowed_paths=[str(Path(settings.runs_dir).expanduser().resolve()), str(demo_root())],
+        theme=THEME,
+        css=CSS,
+        ssr_mode=False,
+        show_error=True,
+    )
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for refused settings)."""
+    try:
+        settings = settings_from_args(argv)
+    except LaunchError as error:
+        print(f"launch.py: error: {error}", file=sys.stderr)
+        return 2
+    launch(settings, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
