@@ -377,6 +377,18 @@ def _plot_resets(new_keys: list[str], old_keys: list[str]) -> list[Any]:
     return [None if new != old else gr.skip() for new, old in zip(new_keys, old_keys)]
 
 
+def _samples_gallery(elem_id: str) -> gr.Gallery:
+    """A gallery of sample images, newest first."""
+    return gr.Gallery(
+        label="Samples (newest first)",
+        columns=8,
+        height=280,
+        object_fit="contain",
+        fit_columns=False,
+        elem_id=elem_id,
+    )
+
+
 def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_seconds: float) -> RunTab:
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start")
@@ -387,14 +399,7 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
     progress = gr.HTML(view.progress_html(view.Progress(0, None, None, None)), elem_id="run-progress")
     status = gr.Markdown(elem_id="run-status")
     plots = _plots("")
-    samples = gr.Gallery(
-        label="Samples (newest first)",
-        columns=8,
-        height=280,
-        object_fit="contain",
-        fit_columns=False,
-        elem_id="samples",
-    )
+    samples = _samples_gallery("samples")
     log = gr.Textbox(
         label="train.log (tail)",
         lines=LOG_LINES,
@@ -517,14 +522,7 @@ def _runs_tab(ctx: UiContext, tab: gr.Tab, tabs: gr.Tabs, current_run: gr.State)
         show = gr.Button("Show on the Run tab", elem_id="runs-show", scale=1)
     summary = gr.Markdown(elem_id="runs-summary")
     plots = _plots("runs-")
-    samples = gr.Gallery(
-        label="Samples (newest first)",
-        columns=8,
-        height=260,
-        object_fit="contain",
-        fit_columns=False,
-        elem_id="runs-samples",
-    )
+    samples = _samples_gallery("runs-samples")
     config = gr.Code(
         label="config.toml", language=None, interactive=False, max_lines=40, elem_id="runs-config"
     )
