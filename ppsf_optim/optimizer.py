@@ -211,18 +211,16 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             self._finish_open_step()
             return loss
         self._check_train_mode()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return loss
-        if not _all_finite(grads):
+        if not all(_finite_flags([p.grad for p in params])):
             self._skip_nonfinite_step()
             return loss
 
         shared_d = self._shared_d()
         all_scalars = [step_scalars(g, shared_d) for g in self.param_groups]
-        self._step_with_grads(
-            [p for g in self.param_groups for p in g["params"] if p.grad is not None], all_scalars
-        )
+        self._step_with_grads(params, all_scalars)
         self._end_step(all_scalars)
         return loss
 
@@ -547,14 +545,8 @@ def _validate_arguments(
 
 def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
     """Per gradient, whether it is free of NaN/inf, with one host sync."""
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().tolist()
-
-
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """One host sync for all gradients: the largest |g| of each is finite."""
     norms = torch._foreach_norm(grads)  # NaN/inf propagate; only |g| > 1e19 overflows to a false alarm
-    return bool(torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all())
+    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().tolist()
 
 
 def _state_bytes(state: dict[str, Any]) -> int:
