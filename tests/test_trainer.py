@@ -426,3 +426,18 @@ def test_auto_prodigy_steps_freezes_once_d_is_flat(tmp_path, tiny_model, dataset
     ds = [e["groups"][0]["d"] for e in events if e["type"] == "step"]
     assert ds[frozen_at - 21] * 1.01 >= ds[frozen_at - 1], "d was flat over the window when it froze"
     assert len(set(ds[frozen_at:])) == 1
+
+
+def test_bf16_training_and_sampling_run(tmp_path, tiny_model, dataset) -> None:
+    """bf16 base weights under autocast, fp32 LoRA, samples decoded by the fp32 VAE."""
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        training={"max_steps": 3, "precision": "bf16"},
+        sampling={"prompts": ["shapes, a red circle"], "steps": 2},
+    )
+    events = read_events(run_dir)
+    assert events[-1]["type"] == "done"
+    assert (run_dir / "samples" / "step-000003-00.png").is_file()
+    assert all(e["loss"] == e["loss"] for e in events if e["type"] == "step")

@@ -168,20 +168,30 @@ class SDXLAdapter(ModelAdapter):
         width = sampling.width or self.config.dataset.resolution
         height = sampling.height or self.config.dataset.resolution
         images = []
-        for index, prompt in enumerate(prompts):
-            generator = torch.Generator(self.device).manual_seed(seed + index)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                result = self.pipe(
-                    prompt,
-                    negative_prompt=sampling.negative_prompt or None,
-                    num_inference_steps=sampling.steps,
-                    guidance_scale=sampling.guidance,
-                    width=width,
-                    height=height,
-                    generator=generator,
-                )
-            images.append(result.images[0])
+        try:
+            for index, prompt in enumerate(prompts):
+                generator = torch.Generator(self.device).manual_seed(seed + index)
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    latents = self.pipe(
+                        prompt,
+                        negative_prompt=sampling.negative_prompt or None,
+                        num_inference_steps=sampling.steps,
+                        guidance_scale=sampling.guidance,
+                        width=width,
+                        height=height,
+                        generator=generator,
+                        output_type="latent",
+                    ).images
+                images.append(self._decode(latents)[0])
+        finally:
+            self.offload_encoders()
         return images
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents to images with the VAE in fp32, outside autocast (it overflows in fp16)."""
+        vae = self.pipe.vae
+        decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
+        return self.pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def export_metadata(self) -> dict[str, str]:
         return {
