@@ -408,13 +408,16 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+DEMO_STEPS = 200
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Start the demo preset as a child, stop it mid-run, resume it to the end; returns what was seen."""
     tmp = tmp_path_factory.mktemp("runner")
     data, _ = form.read_toml(DEMO_PRESET)
     data["output_dir"] = str(tmp / "runs")
-    data["training"]["max_steps"] = 40
+    data["training"]["max_steps"] = DEMO_STEPS  # long enough that Stop lands mid-run
     data["sampling"]["every_n_steps"] = 0  # sample only at the end: keeps the test short
     data["saving"]["every_n_steps"] = 0
     config = validate_config(data)
@@ -462,17 +465,17 @@ def test_runner_stop_writes_a_checkpoint_and_resume_finishes(demo_run):
     assert itself is None and parallel is None
     assert demo_run["stop_sent"] and demo_run["exited"]
     stopped = [e for e in demo_run["after_stop"] if e["type"] == "stopped"]
-    assert stopped and 0 < stopped[-1]["step"] < 40
+    assert stopped and 0 < stopped[-1]["step"] < DEMO_STEPS
     assert demo_run["checkpoints_after_stop"][-1] == stopped[-1]["step"]
     assert demo_run["state_after_stop"] == "stopped"
     assert demo_run["second_stop"] is False  # nothing left to stop
     assert not (run_dir / runner.PID_FILE).exists()
     assert demo_run["resumed_exited"]
     events = read_events(run_dir)
-    assert events[-1]["type"] == "done" and events[-1]["step"] == 40
+    assert events[-1]["type"] == "done" and events[-1]["step"] == DEMO_STEPS
     assert any(e["type"] == "resumed" for e in events)
     assert snapshot(run_dir).state == "done"
-    assert "Finished** at step 40" in snapshot(run_dir).status_markdown()
+    assert f"Finished** at step {DEMO_STEPS}" in snapshot(run_dir).status_markdown()
     log = runner.log_tail(run_dir, 200)
     assert "-m trainers train" in log and "-m trainers resume" in log
     assert log.count("trainer exited with code 0") == 2
@@ -482,20 +485,30 @@ def test_runner_stop_writes_a_checkpoint_and_resume_finishes(demo_run):
 def test_runs_table_and_export(demo_run):
     runs_dir, run_dir = demo_run["runs_dir"], demo_run["run_dir"]
     table = runs_table(runs_dir)
-    assert list(table.run) == ["demo"] and table.state[0] == "done" and table.steps[0] == "40/40"
+    assert (
+        list(table.run) == ["demo"]
+        and table.state[0] == "done"
+        and table.steps[0] == f"{DEMO_STEPS}/{DEMO_STEPS}"
+    )
     assert table["final d"][0]
     assert resolve_run(runs_dir, "demo") == run_dir
     assert resolve_run(runs_dir, "../demo") is None and resolve_run(runs_dir, "nope") is None
     choices = checkpoint_choices(run_dir)
-    assert choices[0] == ("step 40", 40)
-    written = export_lora(run_dir, 40, ["kohya"])
-    assert len(written) == 1 and written[0].path.is_file() and written[0].metadata["ss_steps"] == "40"
+    assert choices[0] == (f"step {DEMO_STEPS}", DEMO_STEPS)
+    written = export_lora(run_dir, DEMO_STEPS, ["kohya"])
+    assert (
+        len(written) == 1 and written[0].path.is_file() and written[0].metadata["ss_steps"] == str(DEMO_STEPS)
+    )
     assert str(written[0].path) in exported_markdown(written)
-    assert metadata_by_file(written)[written[0].path.name]["ss_steps"] == "40"
+    assert metadata_by_file(written)[written[0].path.name]["ss_steps"] == str(DEMO_STEPS)
     with pytest.raises(ValueError, match="at least one format"):
-        export_lora(run_dir, 40, [])
-    with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-        export_lora(run_dir, 7, ["kohya"])
+        export_lora(run_dir, DEMO_STEPS, [])
+    saved = {step for step, _ in list_checkpoints(run_dir)}
+    missing = next(
+        step for step in range(1, DEMO_STEPS) if step not in saved
+    )  # the stop step varies with timing
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint at step {missing}"):
+        export_lora(run_dir, missing, ["kohya"])
 
 
 def test_preflight_refuses_an_existing_run_folder_and_another_output_dir(demo_run, tmp_path):

@@ -91,7 +91,10 @@ def train(config: TrainConfig) -> Path:
     run_dir = config.run_dir
     if list_checkpoints(run_dir) or (run_dir / "events.jsonl").exists():
         raise ConfigError(
-            [f"name: run folder {run_dir} already holds a run; resume it or choose another name"]
+            [
+                f"name: run folder {run_dir} already holds a run; continue it with "
+                f"`python -m trainers resume {run_dir}` or choose another name (--set name=...)"
+            ]
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
@@ -190,7 +193,8 @@ class Trainer:
         if resume_from is not None:
             state = load_checkpoint(resume_from, params, optimizer, generator)
             restore_python_rng(rng, state.python_rng)
-            self.events.truncate_after(state.step)
+        self.events.truncate_after(state.step)  # a resumed run repeats what came after its checkpoint
+        if resume_from is not None:
             self.events.write("resumed", step=state.step, checkpoint=str(resume_from))
         self._loop(
             _Session(adapter, optimizer, params, generator, rng, state, data, total_steps, latents, texts)
