@@ -61,36 +61,35 @@ def _unsqueeze_like(values: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _factored_denominator(
-    g: torch.Tensor, states: list[dict], s: StepScalars, dims: tuple[int, int], out: torch.Tensor
+    g: torch.Tensor, batch: _Batch, s: StepScalars, dims: tuple[int, int], out: torch.Tensor
 ) -> torch.Tensor:
     """Update the batch's factored statistics from g; returns sqrt of the rank-1 estimate, in `out`."""
     shape = g.shape[1:]
     col_dim, row_dim = dims
     squares = torch.mul(g, g, out=out)
-    rows = torch.stack([st["exp_avg_sq_row"] for st in states])
-    cols = torch.stack([st["exp_avg_sq_col"] for st in states])
+    rows, cols = batch.stacked["exp_avg_sq_row"], batch.stacked["exp_avg_sq_col"]
     for stat, dim in ((rows, row_dim), (cols, col_dim)):
         stat.lerp_(squares.sum(dim=dim + 1, keepdim=True).div_(shape[dim]), weight=1 - s.beta2)
-    torch._foreach_copy_([st["exp_avg_sq_row"] for st in states], list(rows.unbind(0)))
-    torch._foreach_copy_([st["exp_avg_sq_col"] for st in states], list(cols.unbind(0)))
     row_mean = rows.mean(dim=factored_normaliser_dim(col_dim, row_dim) + 1, keepdim=True).add_(1e-30)
-    row_factor, col_factor = rows.div_(row_mean).sqrt_(), cols.sqrt_()
+    row_factor, col_factor = rows.div(row_mean).sqrt_(), cols.sqrt()
     if len(shape) == 2:  # the outer product as a batched matmul: much faster than a broadcast multiply
         left, right = (row_factor, col_factor) if row_dim == 1 else (col_factor, row_factor)
         return torch.bmm(left, right, out=squares)
     return torch.mul(row_factor, col_factor, out=squares)
 
 
-def _normalised_update_(g: torch.Tensor, states: list[dict], s: StepScalars, buffer: torch.Tensor) -> None:
+def _normalised_update_(g: torch.Tensor, batch: _Batch, s: StepScalars, buffer: torch.Tensor) -> None:
     """Second-moment EMA for the batch and g <- g / (sqrt(v) + eps) (or Adam-atan2), in place."""
-    if "exp_avg_sq_row" in states[0]:
-        denom = _factored_denominator(g, states, s, factored_dims(g.shape[1:], True), buffer)
+    if "exp_avg_sq_row" in batch.stacked:
+        denom = _factored_denominator(g, batch, s, factored_dims(g.shape[1:], True), buffer)
     else:
-        exp_avg_sq = [st["exp_avg_sq"] for st in states]
-        batch = torch.stack(exp_avg_sq)  # in the statistics' dtype, rounded like the reference's in-place ops
-        batch.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
-        torch._foreach_copy_(exp_avg_sq, list(batch.unbind(0)))
-        denom = batch.sqrt_().float()
+        exp_avg_sq = batch.stacked["exp_avg_sq"]  # in the statistics' dtype, rounded like the reference
+        exp_avg_sq.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+        denom = (
+            torch.sqrt(exp_avg_sq, out=buffer)
+            if exp_avg_sq.dtype == torch.float32
+            else exp_avg_sq.sqrt().float()
+        )
     if s.eps is None:
         b = s.threshold
         g.atan2_(denom.mul_(b)).mul_(1 / math.atan(1 / b))
@@ -104,28 +103,50 @@ def _stableadamw_(update: torch.Tensor, s: StepScalars) -> None:
     update.div_(_unsqueeze_like(rms.div_(s.threshold).clamp_min_(1.0), update))
 
 
+# Per-parameter state that lives in one tensor per batch; each parameter's entry is a view of it.
+_BATCHED_STATE = ("z", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "s")
+
+
 class _Batch:
-    """Same-shaped parameters stepped together, with views of their state that stay valid between steps."""
+    """Same-shaped parameters stepped together.
+
+    Their state tensors are moved into one stacked tensor per key, and each parameter's state entry
+    becomes a view of it, so a step updates the whole batch's state with one op per key instead of
+    stacking and copying back every tensor (the views stay valid in `optimizer.state`).
+    """
 
     def __init__(self, indices: list[int], states: list[dict], prodigy_active: bool) -> None:
         self.indices = indices
         self.states = [states[i] for i in indices]
+        self.stacked: dict[str, torch.Tensor] = {}
+        for key in _BATCHED_STATE:
+            if all(key in st for st in self.states):
+                stacked = torch.stack([st[key] for st in self.states])
+                for st, view in zip(self.states, stacked.unbind(0)):
+                    st[key] = view
+                self.stacked[key] = stacked
         self.z = [st["z"] for st in self.states]
         if prodigy_active:
-            self.sliced_z = [z.ravel()[::PRODIGY_SLICE_STRIDE] for z in self.z]
-            length = self.sliced_z[0].shape[0]
+            length = self.stacked["z"][0].ravel()[::PRODIGY_SLICE_STRIDE].shape[0]
             self.p0 = torch.stack([st["p0"].expand(length) for st in self.states])  # p0 never changes
-            self.s = [st["s"] for st in self.states]
+
+    def sliced_z(self) -> torch.Tensor:
+        """Every 11th element of each z, as a (batch, n) view."""
+        z = self.stacked["z"]
+        return z.view(z.shape[0], -1)[:, ::PRODIGY_SLICE_STRIDE]
 
 
 class BatchPlan:
     """The batches of one group for each set of parameters stepped together (the whole group, or the
-    buckets of the fused backward pass), kept while the parameters' state tensors stay the same."""
+    buckets of the fused backward pass), kept while the parameters' state tensors stay the same.
 
-    MAX_PLANS = 256
+    Building a plan moves its parameters' state into new stacked tensors, so plans that shared a
+    parameter with it are dropped (their stacked tensors no longer hold that parameter's state).
+    """
 
     def __init__(self) -> None:
         self._plans: dict[tuple, list[_Batch]] = {}
+        self._members: dict[tuple, set[int]] = {}
 
     def batches_for(
         self, params: list[torch.Tensor], states: list[dict], prodigy_active: bool
@@ -133,10 +154,12 @@ class BatchPlan:
         key = (prodigy_active, *(id(st["z"]) for st in states), *(id(st.get("s")) for st in states))
         batches = self._plans.get(key)
         if batches is None:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.clear()
+            members = {id(p) for p in params}
+            for old in [k for k, m in self._members.items() if m & members]:
+                del self._plans[old], self._members[old]
             batches = [_Batch(indices, states, prodigy_active) for indices in _batches(params)]
-            self._plans[key] = batches
+            key = (prodigy_active, *(id(st["z"]) for st in states), *(id(st.get("s")) for st in states))
+            self._plans[key], self._members[key] = batches, members
         return batches
 
 
@@ -145,7 +168,7 @@ def _accumulate_prodigy(
 ) -> None:
     """Prodigy's <g, p0 - z> and ||s||_1 for a batch (before g is overwritten by the update)."""
     sliced_grad = g.view(g.shape[0], -1)[:, ::PRODIGY_SLICE_STRIDE].to(grad_dtype)
-    x0_minus = batch.p0 - torch.stack(batch.sliced_z)
+    x0_minus = batch.p0 - batch.sliced_z()
     # like torch.dot in the gradient dtype: fp32 accumulation, one rounding at the end
     dots = (
         (sliced_grad.float() * x0_minus.float())
@@ -153,10 +176,9 @@ def _accumulate_prodigy(
         .to(torch.promote_types(grad_dtype, x0_minus.dtype))
     )
     acc.numerator.add_(dots.float().sum(), alpha=s.d_k)
-    s_batch = torch.stack(batch.s)
+    s_batch = batch.stacked["s"]
     s_batch.mul_(s.beta3).add_(sliced_grad, alpha=s.d_k)
     acc.denominator.add_(s_batch.abs().sum(dim=1).float().sum())  # per-tensor sums in s's dtype, as torch.dot
-    torch._foreach_copy_(batch.s, list(s_batch.unbind(0)))
 
 
 def _schedulefree_(
@@ -219,15 +241,16 @@ def step_group(
         g = workspace.stacked("update", grads)
         if s.prodigy_active:
             _accumulate_prodigy(g, grads[0].dtype, batch, s, acc)
-        _normalised_update_(g, batch.states, s, workspace.batch("denominator", grads))
+        _normalised_update_(g, batch, s, workspace.batch("denominator", grads))
         if group["use_stableadamw"]:
             _stableadamw_(g, s)
 
         if batch_params[0].dtype == torch.float32:  # update the weights in place
             _schedulefree_(batch_params, batch.z, list(g.unbind(0)), s)
         else:  # bf16 weights: update fp32 copies of the batch, then round stochastically
-            y32, z32 = workspace.stacked("y", batch_params), workspace.stacked("z", batch.z)
+            y32 = workspace.stacked("y", batch_params)
+            z32 = workspace.batch("z", batch_params).copy_(batch.stacked["z"])
             _schedulefree_([y32], [z32], [g], s)
             torch._foreach_copy_(batch_params, list(noise.round_(y32).unbind(0)))
-            torch._foreach_copy_(batch.z, list(noise.round_(z32).unbind(0)))
+            batch.stacked["z"].copy_(noise.round_(z32))
     return True

@@ -72,7 +72,8 @@ def optimizer_state_tensors(
     for p, state in optimizer.state.items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{key}/{names[id(p)]}"] = value.detach().to("cpu").contiguous()
+                # a copy: the optimizer keeps state as views of per-batch tensors, which safetensors refuses
+                tensors[f"{key}/{names[id(p)]}"] = value.detach().to("cpu", copy=True).contiguous()
     groups = []
     for group in optimizer.param_groups:
         entry = {k: v for k, v in group.items() if k != "params"}
