@@ -53,7 +53,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def offload_encoders(self) -> None:
-        """Move what is only needed for encoding (and sampling) off the training device."""
+        """Move what is only needed for encoding (and sampling) off the training device, and the denoiser
+        onto it (load() leaves it off, so encoders and denoiser never need to fit together)."""
 
     @abstractmethod
     def add_lora(self) -> dict[str, list[torch.nn.Parameter]]:

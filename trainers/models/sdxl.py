@@ -37,7 +37,8 @@ class SDXLAdapter(ModelAdapter):
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
             module.eval()
-        pipe.unet.to(self.device)
+        # the encoders go first (for the caches); the UNet takes their place in offload_encoders, so
+        # both never need to fit on a small GPU at once
         pipe.vae.to(self.device)
         for name in TEXT_ENCODERS:
             getattr(pipe, name).to(self.device)
@@ -77,6 +78,7 @@ class SDXLAdapter(ModelAdapter):
         if not self.config.lora.train_text_encoder:
             for name in TEXT_ENCODERS:
                 getattr(self.pipe, name).to("cpu")
+        self.pipe.unet.to(self.device)
 
     def add_lora(self) -> dict[str, list[torch.nn.Parameter]]:
         lora = self.config.lora
