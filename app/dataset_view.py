@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from app.path_checks import folder_problem
 from trainers.config import DEMO_SCHEME
-from trainers.dataset import DatasetError, assign_bucket, make_buckets, scan_dataset
+from trainers.dataset import DatasetError, assign_buckets, scan_dataset
 from trainers.paths import DEMO_DATASETS, resolve_dataset_path
 
 THUMBNAIL_SIZE = (192, 192)
@@ -54,10 +54,9 @@ def dataset_overview(
         return DatasetOverview(problem=problem)
     try:
         scan = scan_dataset(root, caption_extension or ".txt")
-        table = make_buckets(int(resolution), max_aspect=float(max_aspect))
+        buckets = assign_buckets(scan.items, int(resolution), float(max_aspect), bool(no_upscale))
     except (DatasetError, ValueError) as error:
         return DatasetOverview(problem=f"dataset.path: {error}")
-    buckets = [assign_bucket(i.width, i.height, table, bool(no_upscale)) for i in scan.items]
     counts = Counter(f"{w}x{h}" for w, h in buckets)
     repeats = Counter(item.repeats for item in scan.items)
     lines = [

@@ -337,6 +337,14 @@ def assign_bucket(
     return bucket
 
 
+def assign_buckets(
+    items: Iterable[ImageItem], resolution: int, max_aspect: float, no_upscale: bool
+) -> list[tuple[int, int]]:
+    """The bucket of each item, from the buckets around ``resolution``²."""
+    table = make_buckets(resolution, max_aspect=max_aspect)
+    return [assign_bucket(item.width, item.height, table, no_upscale) for item in items]
+
+
 def bucket_summary(assignments: Iterable[tuple[int, int]] | Mapping[object, tuple[int, int]]) -> str:
     """Return a printable table of bucket -> image count (tallest to widest), with a total line.
 

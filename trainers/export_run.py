@@ -15,9 +15,9 @@ from peft import LoraConfig as PeftLoraConfig
 from trainers.checkpoint import checkpoint_lora_and_average, list_checkpoints
 from trainers.config import TrainConfig, load_config
 from trainers.export import LoraComponent, save_diffusers_lora, save_kohya_lora
+from trainers.models.base import TORCH_DTYPES
 
 EXPORT_METADATA_FILE = "export_metadata.json"
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def eval_mode_lora_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ def export_checkpoint(
     step = document["trainer"]["step"]
     metadata = _metadata(run_dir, document, step)
     components = lora_components(
-        eval_mode_lora_state_dict(checkpoint), config, SAVE_DTYPES[config.saving.dtype]
+        eval_mode_lora_state_dict(checkpoint), config, TORCH_DTYPES[config.saving.dtype]
     )
     written = []
     stem = f"{config.name}-step{step:06d}"

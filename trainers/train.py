@@ -36,10 +36,9 @@ from trainers.config import ConfigError, TrainConfig, dump_config, load_config, 
 from trainers.dataset import (
     DatasetError,
     ImageItem,
-    assign_bucket,
+    assign_buckets,
     bucket_summary,
     load_image,
-    make_buckets,
     process_caption,
     scan_dataset,
 )
@@ -119,8 +118,7 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
     except DatasetError as error:
         return [f"dataset.path: {error}"], ""
     dataset = config.dataset
-    table = make_buckets(dataset.resolution, max_aspect=dataset.max_aspect)
-    buckets = [assign_bucket(i.width, i.height, table, dataset.no_upscale) for i in scan.items]
+    buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
     lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
     lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
     if scan.missing_captions:
@@ -287,8 +285,7 @@ class Trainer:
         for path, reason in scan.skipped:
             print(f"warning: skipped {path}: {reason}", file=sys.stderr)
             self.events.write("warning", message=f"skipped image {path}: {reason}")
-        table = make_buckets(dataset.resolution, max_aspect=dataset.max_aspect)
-        buckets = [assign_bucket(i.width, i.height, table, dataset.no_upscale) for i in scan.items]
+        buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
         summary = bucket_summary(buckets)
         print(summary)
         self.events.write(

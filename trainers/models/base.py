@@ -11,6 +11,8 @@ from PIL import Image
 
 from trainers.config import TrainConfig
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # config names
+
 
 @dataclass(frozen=True)
 class SampleConditioning:
@@ -31,9 +33,7 @@ class ModelAdapter(ABC):
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            config.training.precision
-        ]
+        self.dtype = TORCH_DTYPES[config.training.precision]
 
     @abstractmethod
     def load(self) -> None:
