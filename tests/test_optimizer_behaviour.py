@@ -410,12 +410,60 @@ def test_muon_orthogonalises_conv_weights() -> None:
     assert "muon_rms_sq" in optimizer.state[params["conv"]]
 
 
-def test_orthogonalisation_of_a_flattened_conv_is_near_orthogonal() -> None:
+def _gradient_with_spread_spectrum(shape: tuple[int, ...], seed: int = 0):
+    """A gradient whose (out, rest) matrix is U diag(sigma) V^T with sigma spread over 1..31.6 (so it is
+    far from orthogonal: singular values 30x apart); returns (gradient, U, sigma, V)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
+    rank = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator))
+    sigma = torch.logspace(0, 1.5, rank)
+    return (u @ torch.diag(sigma) @ v.T).reshape(shape), u, sigma, v
+
+
+def _written_out_newton_schulz(u, sigma, v, steps: int = 6):
+    """Muon's quintic iteration acts on each singular value alone: X = U diag(f(sigma / |G|_F)) V^T with
+    f the polynomial a s + b s^3 + c s^5 applied `steps` times (Keller Jordan's coefficients)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    s = sigma / sigma.norm()
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return u @ torch.diag(s) @ v.T
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("shape", [(48, 72), (72, 48), (16, 8, 3, 3)], ids=str)
+def test_newton_schulz_matches_the_written_out_iteration(shape: tuple[int, ...]) -> None:
     from ppsf_optim.tensor_math import newton_schulz_orthogonalise
 
-    grad = torch.randn(16, 8, 3, 3)
+    grad, u, sigma, v = _gradient_with_spread_spectrum(shape)
     result = newton_schulz_orthogonalise(grad)
     assert result.shape == grad.shape
-    matrix = result.reshape(16, -1)
-    singular = torch.linalg.svdvals(matrix / matrix.norm(dim=1).mean())
-    assert singular.max() / singular.min() < 3  # Newton-Schulz pushes all singular values toward 1
+    matrix = result.reshape(shape[0], -1)
+    expected = _written_out_newton_schulz(u, sigma, v)  # <G, X> > 1 here, so adaptive Muon's scale is 1
+    assert torch.linalg.norm(matrix - expected) < 0.05 * torch.linalg.norm(expected)  # bf16 iteration
+    singular = torch.linalg.svdvals(matrix)
+    # the quintic iteration leaves every singular value in a band around 1 (about 0.68..1.13), not at 1
+    assert singular.min() > 0.6 and singular.max() < 1.2, singular
+    assert _cosine(matrix, u @ v.T) > 0.97  # close to the polar factor; the gradient itself is at 0.73
+
+
+def test_muon_step_on_a_conv_weight_is_orthogonalised() -> None:
+    """The optimizer's own update (reference path: the fast path does not take Muon), not just the helper:
+    a first step moves y = z by d0 * u, and u's flattened matrix has all singular values about equal and
+    points along the gradient's polar factor U V^T (a gradient passed through keeps a 30x spread)."""
+    grad, u, _, v = _gradient_with_spread_spectrum((48, 8, 3, 3), seed=1)
+    p = torch.nn.Parameter(torch.randn(48, 8, 3, 3, generator=torch.Generator().manual_seed(2)))
+    before = p.detach().clone()
+    optimizer = ProdigyPlusScheduleFree([p], d0=0.01, prodigy_steps=1, use_muon_pp=True)
+    p.grad = grad.clone()
+    optimizer.step()
+    assert "muon_rms_sq" in optimizer.state[p]
+    update = ((before - p.detach()) / 0.01).reshape(48, -1)
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() / singular.min() < 2.0, singular
+    assert _cosine(update, u @ v.T) > 0.97
