@@ -533,3 +533,43 @@ def test_training_loss_is_the_written_out_objective(
         denominator = snr if prediction_type == "epsilon" else snr + 1
         expected = expected * torch.clamp(snr, max=min_snr_gamma) / denominator
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_samples_see_the_eval_mode_lora_of_their_step(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    """The sampler must see the schedule-free average x = (y - (1 - beta1) z) / beta1, computed here from
+    the checkpoint of the same step (y and z as saved), not the training point y."""
+    from PIL import Image
+
+    from trainers.checkpoint import checkpoint_dir, named_parameters
+    from trainers.models.sdxl import SDXLAdapter
+
+    seen = []
+
+    def capture(self, prompts, seed):
+        seen.append({name: p.detach().clone() for name, p in named_parameters(self.lora_modules()).items()})
+        return [Image.new("RGB", (64, 64)) for _ in prompts]
+
+    monkeypatch.setattr(SDXLAdapter, "sample", capture)
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        training={"max_steps": 12},
+        sampling={"prompts": ["shapes, a red circle"], "every_n_steps": 6, "steps": 2},
+        saving={"every_n_steps": 6},
+    )
+    assert [e["step"] for e in read_events(run_dir) if e["type"] == "sample"] == [6, 12]
+    assert len(seen) == 2
+    for weights, step in zip(seen, (6, 12)):
+        folder = checkpoint_dir(run_dir, step)
+        y = load_file(folder / "lora.safetensors")
+        z = load_file(folder / "optimizer.safetensors")
+        groups = json.loads((folder / "trainer_state.json").read_text())["param_groups"]
+        beta1 = {name: g["betas"][0] for g in groups for name in g["params"]}
+        assert weights.keys() == y.keys()
+        gap = 0.0
+        for name in y:
+            x = (y[name] - (1 - beta1[name]) * z[f"z/{name}"]) / beta1[name]
+            torch.testing.assert_close(weights[name], x, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+            gap = max(gap, float((x - y[name]).abs().max()))
+        assert gap > 1e-5, f"step {step}: x and y should differ clearly (largest gap {gap})"
