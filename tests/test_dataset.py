@@ -13,7 +13,9 @@ from PIL import Image
 
 from trainers.dataset import (
     DatasetError,
+    ImageItem,
     assign_bucket,
+    assign_buckets,
     bucket_summary,
     load_image,
     make_buckets,
@@ -348,6 +350,20 @@ def test_assign_bucket_no_upscale_uses_own_size_rounded_down() -> None:
     assert assign_bucket(700, 500, BUCKETS_1024, no_upscale=True) == (640, 448)
     assert assign_bucket(30, 200, BUCKETS_1024, no_upscale=True) == (64, 192)  # at least one step
     assert assign_bucket(700, 500, BUCKETS_1024, no_upscale=True, step=32) == (672, 480)
+
+
+def test_assign_buckets_honours_no_upscale() -> None:
+    """The per-dataset helper the trainer uses, against the rule written out for these sizes.
+
+    At resolution 512 the buckets are 384x640, 448x576, 512x512, 576x448, 640x384. A 300x200 image
+    (aspect 1.5) is nearest to 640x384 in log aspect (|ln(1.667/1.5)| = 0.105 < |ln(1.286/1.5)| = 0.154);
+    it has fewer pixels than that bucket, so no_upscale keeps its own size rounded down to multiples of
+    64: 256x192. A 2000x1000 image is larger than its bucket (640x384) either way.
+    """
+    small = ImageItem(Path("small.png"), "", 1, 300, 200)
+    large = ImageItem(Path("large.png"), "", 1, 2000, 1000)
+    assert assign_buckets([small, large], 512, 2.0, no_upscale=True) == [(256, 192), (640, 384)]
+    assert assign_buckets([small, large], 512, 2.0, no_upscale=False) == [(640, 384), (640, 384)]
 
 
 def test_bucket_summary_table() -> None:

@@ -119,6 +119,54 @@ def test_resume_from_state_dict_equals_uninterrupted(mode: str) -> None:
             torch.testing.assert_close(p.detach(), straight[name], rtol=1e-5, atol=1e-6)
 
 
+def _group_scalars(optimizer) -> list[dict]:
+    """Each group's scalars (d, d_numerator, d_denom, k, ...), tuples as lists as JSON keeps them."""
+    return [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+        for g in optimizer.param_groups
+    ]
+
+
+def test_trainer_checkpoint_round_trips_prodigy_state_while_d_grows(tmp_path) -> None:
+    """Through trainers.checkpoint (safetensors + JSON), with d never frozen: Prodigy's per-parameter s and
+    p0 and its per-group numerator, denominator and d come back exactly, and the continued run equals the
+    uninterrupted one bit for bit while d keeps growing. (The test above freezes d before saving, so there
+    the statistics are already gone.)"""
+    from trainers.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+
+    params, optimizer = _optimizer()  # prodigy_steps=0: d is estimated on every step
+    _train(params, optimizer, 10)
+    assert all("s" in optimizer.state[p] and "p0" in optimizer.state[p] for p in params.values())
+    folder = save_checkpoint(
+        tmp_path, TrainerState(step=10, epoch=0, batch_in_epoch=0), params, optimizer, torch.Generator(), 1
+    )
+    saved_groups = _group_scalars(optimizer)
+    saved_state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in params.items()}
+    _train(params, optimizer, 7, start=10)
+    straight = _weights(params)
+    straight_groups = _group_scalars(optimizer)
+    straight_state = {name: optimizer.state[p] for name, p in params.items()}
+
+    fresh_params, fresh = _optimizer()
+    load_checkpoint(folder, fresh_params, fresh, torch.Generator())
+    assert _group_scalars(fresh) == saved_groups
+    for name, p in fresh_params.items():
+        loaded = fresh.state[p]
+        assert loaded.keys() == saved_state[name].keys(), name
+        for key, value in saved_state[name].items():
+            assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), (name, key)
+    _train(fresh_params, fresh, 7, start=10)
+
+    d_saved = [g["d"] for g in saved_groups]
+    d_after = [g["d"] for g in fresh.param_groups]
+    assert all(after > 1.5 * before for after, before in zip(d_after, d_saved)), (d_saved, d_after)
+    assert _group_scalars(fresh) == straight_groups  # d, d_numerator, d_denom, weight_sum, k, ...
+    for name, p in fresh_params.items():
+        assert torch.equal(p.detach(), straight[name]), name
+        for key, value in straight_state[name].items():
+            assert torch.equal(fresh.state[p][key], value), (name, key)
+
+
 def _train_more(params, optimizer, steps, start):
     _train(params, optimizer, steps, start=start)
     return params
@@ -410,12 +458,60 @@ def test_muon_orthogonalises_conv_weights() -> None:
     assert "muon_rms_sq" in optimizer.state[params["conv"]]
 
 
-def test_orthogonalisation_of_a_flattened_conv_is_near_orthogonal() -> None:
+def _gradient_with_spread_spectrum(shape: tuple[int, ...], seed: int = 0):
+    """A gradient whose (out, rest) matrix is U diag(sigma) V^T with sigma spread over 1..31.6 (so it is
+    far from orthogonal: singular values 30x apart); returns (gradient, U, sigma, V)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
+    rank = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator))
+    sigma = torch.logspace(0, 1.5, rank)
+    return (u @ torch.diag(sigma) @ v.T).reshape(shape), u, sigma, v
+
+
+def _written_out_newton_schulz(u, sigma, v, steps: int = 6):
+    """Muon's quintic iteration acts on each singular value alone: X = U diag(f(sigma / |G|_F)) V^T with
+    f the polynomial a s + b s^3 + c s^5 applied `steps` times (Keller Jordan's coefficients)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    s = sigma / sigma.norm()
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return u @ torch.diag(s) @ v.T
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("shape", [(48, 72), (72, 48), (16, 8, 3, 3)], ids=str)
+def test_newton_schulz_matches_the_written_out_iteration(shape: tuple[int, ...]) -> None:
     from ppsf_optim.tensor_math import newton_schulz_orthogonalise
 
-    grad = torch.randn(16, 8, 3, 3)
+    grad, u, sigma, v = _gradient_with_spread_spectrum(shape)
     result = newton_schulz_orthogonalise(grad)
     assert result.shape == grad.shape
-    matrix = result.reshape(16, -1)
-    singular = torch.linalg.svdvals(matrix / matrix.norm(dim=1).mean())
-    assert singular.max() / singular.min() < 3  # Newton-Schulz pushes all singular values toward 1
+    matrix = result.reshape(shape[0], -1)
+    expected = _written_out_newton_schulz(u, sigma, v)  # <G, X> > 1 here, so adaptive Muon's scale is 1
+    assert torch.linalg.norm(matrix - expected) < 0.05 * torch.linalg.norm(expected)  # bf16 iteration
+    singular = torch.linalg.svdvals(matrix)
+    # the quintic iteration leaves every singular value in a band around 1 (about 0.68..1.13), not at 1
+    assert singular.min() > 0.6 and singular.max() < 1.2, singular
+    assert _cosine(matrix, u @ v.T) > 0.97  # close to the polar factor; the gradient itself is at 0.73
+
+
+def test_muon_step_on_a_conv_weight_is_orthogonalised() -> None:
+    """The optimizer's own update (reference path: the fast path does not take Muon), not just the helper:
+    a first step moves y = z by d0 * u, and u's flattened matrix has all singular values about equal and
+    points along the gradient's polar factor U V^T (a gradient passed through keeps a 30x spread)."""
+    grad, u, _, v = _gradient_with_spread_spectrum((48, 8, 3, 3), seed=1)
+    p = torch.nn.Parameter(torch.randn(48, 8, 3, 3, generator=torch.Generator().manual_seed(2)))
+    before = p.detach().clone()
+    optimizer = ProdigyPlusScheduleFree([p], d0=0.01, prodigy_steps=1, use_muon_pp=True)
+    p.grad = grad.clone()
+    optimizer.step()
+    assert "muon_rms_sq" in optimizer.state[p]
+    update = ((before - p.detach()) / 0.01).reshape(48, -1)
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() / singular.min() < 2.0, singular
+    assert _cosine(update, u @ v.T) > 0.97

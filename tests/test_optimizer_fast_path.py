@@ -119,3 +119,49 @@ def test_large_tensors_are_split_into_batches(monkeypatch: pytest.MonkeyPatch) -
     reference = run_trajectory(lambda p: ProdigyPlusScheduleFree(p), groups=1)
     for name in reference[1]:
         torch.testing.assert_close(small[1][name], reference[1][name], rtol=1e-5, atol=1e-6)
+
+
+def _drift_start(generator: torch.Generator) -> torch.Tensor:
+    """Weights in [1, 1.5), exactly representable in bf16 (so both runs start from the same values)."""
+    return (1.0 + 0.5 * torch.rand(64, 64, generator=generator)).to(torch.bfloat16)
+
+
+def _drift_run(dtype: torch.dtype, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, x) after `steps` steps whose every update is below half a bf16 step of the weights.
+
+    d is frozen at d0 = 1e-3 (prodigy_steps=1) and the gradient has a constant sign, so z moves by about
+    1e-3 per step, while weights in [0.5, 2) have bf16 steps of 2^-8..2^-7 (half-steps of 0.002..0.004).
+    The gradients do not depend on the weights, so the fp32 and bf16 runs see exactly the same ones.
+    """
+    generator = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(_drift_start(generator).to(dtype))
+    optimizer = ProdigyPlusScheduleFree([p], d0=1e-3, prodigy_steps=1)
+    torch.manual_seed(0)  # the rounding noise's offsets
+    for _ in range(steps):
+        p.grad = (1.0 + 0.5 * torch.randn(64, 64, generator=generator)).to(dtype)
+        optimizer.step()
+    y, z = p.detach().float().clone(), optimizer.state[p]["z"].float().clone()
+    optimizer.eval()
+    return y, z, p.detach().float().clone()
+
+
+def test_fast_path_bf16_tracks_fp32_where_each_update_is_below_half_a_bf16_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stochastic rounding is unbiased, so the bf16 run's weights stay on the fp32 run's trajectory on
+    average; rounding to nearest would leave every weight where it started (each update rounds away)."""
+    steps = 300
+    calls = _used_fast_path(monkeypatch)
+    bf16 = _drift_run(torch.bfloat16, steps)
+    assert calls, "the multi-tensor path was not used"
+    fp32 = _drift_run(torch.float32, steps)
+    start = _drift_start(torch.Generator().manual_seed(3)).float()
+    for name, low, high in zip(("y", "z", "x"), bf16, fp32):
+        drift = (high - start).mean().item()
+        assert drift < -0.1, f"{name}: the fp32 run should have drifted well away from its start ({drift})"
+        # bias of the bf16 run relative to fp32: each element's rounding errors add up like a random walk
+        # (~0.04 here); averaged over 4096 elements that leaves ~6e-4
+        bias = (low - high).mean().item()
+        assert abs(bias) < 0.01 * abs(drift) + 2e-3, f"{name}: bf16 is off the fp32 trajectory by {bias}"
+        spread = (low - high).std().item()
+        assert spread < 0.1, f"{name}: the bf16 run's elements scatter by {spread} around fp32's"

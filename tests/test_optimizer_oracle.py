@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+
 import pytest
 import torch
 
@@ -9,8 +12,41 @@ import optim_cases
 from optim_cases import SHAPES, run_trajectory
 from ppsf_optim import ProdigyPlusScheduleFree
 
-prodigyplus = pytest.importorskip("prodigyplus", reason="the 1.8.33 oracle comes from requirements-dev.txt")
-Reference = prodigyplus.ProdigyPlusScheduleFree
+ORACLE_DISTRIBUTION, ORACLE_VERSION = "prodigy-plus-schedule-free", "1.8.33"
+INSTALL = "pip install -r requirements-dev.txt"
+
+
+def _installed_oracle_version() -> str | None:
+    try:
+        return importlib.metadata.version(ORACLE_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+ORACLE_FOUND = _installed_oracle_version()
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+if ORACLE_FOUND is None and not IN_CI:
+    pytest.skip(
+        f"the oracle {ORACLE_DISTRIBUTION}=={ORACLE_VERSION} is not installed ({INSTALL}); CI fails without it",
+        allow_module_level=True,
+    )
+if ORACLE_FOUND == ORACLE_VERSION:
+    import prodigyplus
+
+    Reference = prodigyplus.ProdigyPlusScheduleFree
+
+
+@pytest.fixture(autouse=True)
+def _exact_oracle_release() -> None:
+    """Every comparison here is against release 1.8.33 exactly: another release (or none, in CI) fails
+    each test with one message instead of a wall of trajectory mismatches."""
+    if ORACLE_FOUND != ORACLE_VERSION:
+        found = "is not installed" if ORACLE_FOUND is None else f"is {ORACLE_FOUND}"
+        pytest.fail(
+            f"the oracle {ORACLE_DISTRIBUTION} {found}; these tests need exactly {ORACLE_VERSION} ({INSTALL})",
+            pytrace=False,
+        )
+
 
 # Every constructor argument of 1.8.33 away from its default (fused_back_pass is covered below).
 OPTIONS = [

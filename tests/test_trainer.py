@@ -146,8 +146,16 @@ def test_run_folder_layout_and_events(tmp_path, tiny_model, dataset) -> None:
 
 # ---------------------------------------------------------------- resume, fused pass, precision of state
 def test_resume_equals_uninterrupted(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    # caption dropout draws from the Python RNG on every caption, so a resume that does not restore that
+    # RNG's state drops other captions than the uninterrupted run and its losses differ
+    data = {"path": str(dataset), "resolution": 64, "trigger_word": "shapes", "caption_dropout": 0.4}
     straight = run(
-        tmp_path / "a", tiny_model, dataset, training={"max_steps": 25}, saving={"every_n_steps": 0}
+        tmp_path / "a",
+        tiny_model,
+        dataset,
+        dataset=data,
+        training={"max_steps": 25},
+        saving={"every_n_steps": 0},
     )
 
     original = training.Trainer._log_step
@@ -159,7 +167,12 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model, dataset, monkeypatch)
 
     monkeypatch.setattr(training.Trainer, "_log_step", stop_at_13)
     stopped = run(
-        tmp_path / "b", tiny_model, dataset, training={"max_steps": 25}, saving={"every_n_steps": 0}
+        tmp_path / "b",
+        tiny_model,
+        dataset,
+        dataset=data,
+        training={"max_steps": 25},
+        saving={"every_n_steps": 0},
     )
     assert [e["type"] for e in read_events(stopped)][-2:] == ["checkpoint", "stopped"]
     assert [s for s, _ in list_checkpoints(stopped)] == [13]
@@ -441,3 +454,122 @@ def test_bf16_training_and_sampling_run(tmp_path, tiny_model, dataset) -> None:
     assert events[-1]["type"] == "done"
     assert (run_dir / "samples" / "step-000003-00.png").is_file()
     assert all(e["loss"] == e["loss"] for e in events if e["type"] == "step")
+
+
+# ---------------------------------------------------------------- the objective, written out
+# The conventions of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py:
+#   noise = randn_like(latents); with --noise_offset: noise += noise_offset * randn(B, C, 1, 1)
+#   noisy = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise
+#   target = noise (epsilon), or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (v_prediction)
+#   snr = abar_t / (1 - abar_t); Min-SNR weight = min(snr, gamma) / snr (epsilon) or / (snr + 1) (v)
+#   loss = mean over C, H, W of (prediction - target)^2, times the weight
+def _written_out_alphas_cumprod() -> torch.Tensor:
+    """SDXL's "scaled_linear" schedule: betas linear in sqrt between 0.00085 and 0.012, 1000 steps."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class _RecordingUNet:
+    """Stands in for the UNet: records what it is given and returns a fixed prediction."""
+
+    def __init__(self, prediction: torch.Tensor) -> None:
+        self.prediction, self.calls = prediction, []
+
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
+        from types import SimpleNamespace
+
+        self.calls.append({"sample": sample.detach().clone(), "timesteps": timesteps.clone()})
+        return SimpleNamespace(sample=self.prediction)
+
+
+@pytest.mark.parametrize("noise_offset", [0.0, 0.1])
+@pytest.mark.parametrize("min_snr_gamma", [None, 5.0])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_loss_is_the_written_out_objective(
+    tmp_path, tiny_model, prediction_type, min_snr_gamma, noise_offset
+) -> None:
+    from types import SimpleNamespace
+
+    from trainers.models.base import SampleConditioning
+    from trainers.models.sdxl import SDXLAdapter
+
+    config = validate_config(
+        make_config(
+            tmp_path,
+            tiny_model,
+            tmp_path,
+            model={"prediction_type": prediction_type},
+            training={"min_snr_gamma": min_snr_gamma, "noise_offset": noise_offset},
+        )
+    )
+    adapter = SDXLAdapter(config, torch.device("cpu"))
+    adapter.load()  # the tiny model's scheduler: SDXL's schedule
+    batch, seed = 8, 18  # a seed whose timesteps have SNRs on both sides of gamma = 5 (3 of 8 above)
+    latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prediction = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    unet = _RecordingUNet(prediction)
+    adapter.pipe = SimpleNamespace(unet=unet)
+    text = {"prompt_embeds": torch.zeros(batch, 77, 64), "pooled": torch.zeros(batch, 32)}
+    conditioning = [SampleConditioning((64, 64), (0, 0), (64, 64))] * batch
+    loss = adapter.training_loss(latents, text, conditioning, torch.Generator().manual_seed(seed))
+
+    # the same draws, in the same order, from the same seed
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(batch, 4, 1, 1, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    abar = _written_out_alphas_cumprod()[timesteps].view(batch, 1, 1, 1).double()
+    x0, eps = latents.double(), noise.double()
+    assert torch.equal(unet.calls[0]["timesteps"], timesteps)
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    torch.testing.assert_close(unet.calls[0]["sample"].double(), noisy, rtol=1e-5, atol=1e-6)
+
+    target = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    expected = ((prediction.double() - target) ** 2).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = (abar / (1 - abar)).view(batch)
+        assert snr.min() < min_snr_gamma < snr.max(), "the draws must put SNRs on both sides of gamma"
+        denominator = snr if prediction_type == "epsilon" else snr + 1
+        expected = expected * torch.clamp(snr, max=min_snr_gamma) / denominator
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_samples_see_the_eval_mode_lora_of_their_step(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    """The sampler must see the schedule-free average x = (y - (1 - beta1) z) / beta1, computed here from
+    the checkpoint of the same step (y and z as saved), not the training point y."""
+    from PIL import Image
+
+    from trainers.checkpoint import checkpoint_dir, named_parameters
+    from trainers.models.sdxl import SDXLAdapter
+
+    seen = []
+
+    def capture(self, prompts, seed):
+        seen.append({name: p.detach().clone() for name, p in named_parameters(self.lora_modules()).items()})
+        return [Image.new("RGB", (64, 64)) for _ in prompts]
+
+    monkeypatch.setattr(SDXLAdapter, "sample", capture)
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        training={"max_steps": 12},
+        sampling={"prompts": ["shapes, a red circle"], "every_n_steps": 6, "steps": 2},
+        saving={"every_n_steps": 6},
+    )
+    assert [e["step"] for e in read_events(run_dir) if e["type"] == "sample"] == [6, 12]
+    assert len(seen) == 2
+    for weights, step in zip(seen, (6, 12)):
+        folder = checkpoint_dir(run_dir, step)
+        y = load_file(folder / "lora.safetensors")
+        z = load_file(folder / "optimizer.safetensors")
+        groups = json.loads((folder / "trainer_state.json").read_text())["param_groups"]
+        beta1 = {name: g["betas"][0] for g in groups for name in g["params"]}
+        assert weights.keys() == y.keys()
+        gap = 0.0
+        for name in y:
+            x = (y[name] - (1 - beta1[name]) * z[f"z/{name}"]) / beta1[name]
+            torch.testing.assert_close(weights[name], x, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+            gap = max(gap, float((x - y[name]).abs().max()))
+        assert gap > 1e-5, f"step {step}: x and y should differ clearly (largest gap {gap})"
