@@ -251,6 +251,6 @@ def step_group(
             y32 = workspace.stacked("y", batch_params)
             z32 = workspace.batch("z", batch_params).copy_(batch.stacked["z"])
             _schedulefree_([y32], [z32], [g], s)
-            torch._foreach_copy_(batch_params, list(noise.round_(y32).unbind(0)))
-            batch.stacked["z"].copy_(noise.round_(z32))
+            torch._foreach_copy_(batch_params, list(noise.round_(y32, group).unbind(0)))
+            batch.stacked["z"].copy_(noise.round_(z32, group))
     return True

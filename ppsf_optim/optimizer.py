@@ -50,6 +50,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
       - A NaN or inf gradient skips the step (fused: that parameter and the step's d update), warns, and
         is counted in ``telemetry()``.
       - ``load_state_dict`` keeps the dtypes of the saved statistics (torch casts them to the weights').
+      - Stochastic rounding's noise follows from ``param_groups[i]["rounding_seed"]`` (``torch.initial_seed()``
+        at construction) and the step count, not from torch's global RNG, so a run resumed from
+        ``state_dict()`` rounds exactly as the uninterrupted one.
 
     ``param_groups[i]["d"]`` is the group's d and ``["effective_lr"]`` the lr multiplier actually applied,
     so ``d * effective_lr`` is the applied learning rate, as trainers log it. ``telemetry()`` has more.
@@ -146,6 +149,10 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             schedulefree_c=schedulefree_c,
             use_schedulefree=use_schedulefree,
             stochastic_rounding=stochastic_rounding,
+            # the noise of every rounding follows from this and the step count k (see RoundingNoise), so a
+            # loaded state_dict rounds as the uninterrupted run would; torch.initial_seed() leaves the
+            # global RNG's stream untouched
+            rounding_seed=torch.initial_seed(),
             optimiser_version=OPTIMISER_VERSION,
         )
         super().__init__(params, defaults)
@@ -241,7 +248,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             acc = self._accumulator_for(index, p.device)
             ok = torch.isfinite(p.grad).all()
             acc.nonfinite.add_(~ok)
-            if step_param_reference(p, group, self.state[p], self._open_scalars[index], acc, ok):
+            scalars = self._open_scalars[index]
+            if step_param_reference(p, group, self.state[p], scalars, acc, self._rounding_noise, ok):
                 self._updated_groups.add(index)
         self._stepped_params.add(id(p))
         self._queue_end_of_backward()
@@ -277,7 +285,9 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             else:
                 updated = False
                 for p, state in zip(group_params, states):
-                    updated |= step_param_reference(p, group, state, scalars[index], acc)
+                    updated |= step_param_reference(
+                        p, group, state, scalars[index], acc, self._rounding_noise
+                    )
             if updated:
                 self._updated_groups.add(index)
 
@@ -375,6 +385,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
     def _end_step(self, scalars: list[StepScalars]) -> None:
         """Group-level work once per step: Prodigy's d, the schedule-free weight sum, the step counter."""
         self._stepped_params.clear()
+        self._rounding_noise.end_step()
         d_groups = range(len(self.param_groups)) if self.split_groups else [0]
         sums = self._read_accumulators(d_groups)
         for index in d_groups:
@@ -497,6 +508,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if torch.is_tensor(value)
         }
         super().load_state_dict(copy.copy(state_dict))
+        for group in self.param_groups:  # state_dicts saved before the seed existed
+            group.setdefault("rounding_seed", self.defaults["rounding_seed"])
         self._group_of_param = {}
         self._batch_plans.clear()  # they hold the replaced state tensors
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

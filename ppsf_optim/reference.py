@@ -17,6 +17,7 @@ import torch
 
 from .step_scalars import FOCUS_GAMMA, StepScalars
 from .tensor_math import (
+    RoundingNoise,
     factored_dims,
     factored_normaliser_dim,
     newton_schulz_orthogonalise,
@@ -211,6 +212,7 @@ def step_param_reference(
     state: dict[str, Any],
     s: StepScalars,
     acc: GroupAccumulators,
+    noise: RoundingNoise,
     ok: torch.Tensor | None = None,
 ) -> bool:
     """Step one parameter from its `.grad`. Returns False if this step only primed statistics (ADOPT)."""
@@ -262,10 +264,10 @@ def step_param_reference(
         z = state["z"]
         z32 = z.float() if stochastic else z
         schedulefree_update_(y, z32, update, group, s, ok)
-        write_back(z, z32, stochastic)
+        write_back(z, z32, group, noise)
     else:
         if s.decay != 0:
             y.mul_(1 - _zero_if_bad(s.decay, ok))
         y.sub_(update, alpha=s.dlr)
-    write_back(p, y, stochastic)
+    write_back(p, y, group, noise)
     return True

@@ -11,7 +11,7 @@ import torch
 
 from optim_cases import gradient_stream, make_params, param_groups
 from ppsf_optim import ProdigyPlusScheduleFree
-from ppsf_optim.tensor_math import RoundingNoise, copy_stochastic_
+from ppsf_optim.tensor_math import RoundingNoise
 
 
 def _optimizer(dtype=torch.float32, groups=2, **kwargs):
@@ -184,6 +184,141 @@ def test_load_keeps_fp32_statistics_of_bf16_weights() -> None:
     assert fresh.state[p]["z"].dtype == torch.bfloat16
     assert fresh.state[p]["s"].dtype == torch.bfloat16
     torch.testing.assert_close(fresh.state[p]["exp_avg_sq_row"], saved["state"][0]["exp_avg_sq_row"])
+
+
+# ---------------------------------------------------------------- exact resume with 16-bit weights
+# (route, weight dtype, options). The multi-tensor path takes bf16 weights; factored_fp32=False sends
+# step() to the per-tensor reference step; fp16 weights always take the reference step.
+_SIXTEEN_BIT_ROUTES = {
+    "step-multi-tensor-bf16": ("step", torch.bfloat16, {}),
+    "step-reference-bf16": ("step", torch.bfloat16, {"factored_fp32": False}),
+    "step-fp16": ("step", torch.float16, {}),
+    "fused-backward-one-bucket-bf16": ("fused", torch.bfloat16, {}),
+    "fused-backward-each-gradient-bf16": ("fused-each", torch.bfloat16, {}),
+    "step-param-bf16": ("step_param", torch.bfloat16, {"fused_back_pass": True}),
+}
+
+
+def _sixteen_bit_optimizer(route: str, dtype: torch.dtype, options: dict):
+    params, optimizer = _optimizer(dtype, d0=1e-3, **options)  # d0 big enough that every rounding matters
+    if route.startswith("fused"):
+        optimizer.attach_fused_backward(1 if route == "fused-each" else 16 << 20)
+    return params, optimizer
+
+
+def _steps_by_route(route: str, params, optimizer, steps: int, start: int) -> None:
+    """`_train`'s gradients, applied by `route`: step(), step_param() calls, or a real backward pass whose
+    gradients are exactly the stream's (loss = sum <p, g>), stepped by the fused backward hooks."""
+    set_grads = gradient_stream(params, seed=100 + start)
+    for t in range(start, start + steps):
+        set_grads(t)
+        if route == "step":
+            optimizer.step()
+        elif route == "step_param":
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.step_param(p, group)
+            optimizer.end_step()
+        else:
+            grads = {p: p.grad for p in params.values() if p.grad is not None}
+            for p in params.values():
+                p.grad = None
+            sum((p * g).sum() for p, g in grads.items()).backward()
+    assert optimizer.param_groups[0]["k"] == start + steps + 1  # each step ran
+
+
+def _assert_same_run(params, optimizer, straight_weights, straight_state, straight_groups) -> None:
+    for name, p in params.items():
+        assert torch.equal(p.detach(), straight_weights[name]), name
+        assert optimizer.state[p].keys() == straight_state[name].keys(), name
+        for key, value in straight_state[name].items():
+            assert torch.equal(optimizer.state[p][key], value), (name, key)
+    assert _group_scalars(optimizer) == straight_groups
+
+
+def _straight_run(route: str, dtype: torch.dtype, options: dict, save):
+    """6 steps, `save(params, optimizer)`, 5 more; returns what `save` returned and the final run."""
+    torch.manual_seed(0)
+    params, optimizer = _sixteen_bit_optimizer(route, dtype, options)
+    _steps_by_route(route, params, optimizer, 6, start=0)
+    saved = save(params, optimizer)
+    _steps_by_route(route, params, optimizer, 5, start=6)
+    state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in params.items()}
+    return saved, (_weights(params), state, _group_scalars(optimizer))
+
+
+@pytest.mark.parametrize("case", list(_SIXTEEN_BIT_ROUTES))
+def test_16_bit_resume_from_state_dict_equals_uninterrupted(case: str) -> None:
+    """Stochastic rounding draws fresh noise every step. A fresh optimizer loaded from state_dict, with
+    torch's global RNG state restored to what it was at the save (as trainers do), must draw the noise the
+    uninterrupted run drew: the continued run equals it bit for bit, weights and every state tensor."""
+    route, dtype, options = _SIXTEEN_BIT_ROUTES[case]
+
+    def save(params, optimizer):
+        buffer = io.BytesIO()
+        checkpoint = {"optimizer": optimizer.state_dict(), "weights": _weights(params)}
+        torch.save({**checkpoint, "rng": torch.get_rng_state()}, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=True)  # nothing but tensors and plain values
+
+    checkpoint, straight = _straight_run(route, dtype, options, save)
+
+    torch.manual_seed(1)  # a new process: its RNG is anywhere until the checkpoint restores it
+    fresh_params, fresh = _sixteen_bit_optimizer(route, dtype, options)
+    with torch.no_grad():
+        for name, p in fresh_params.items():
+            p.copy_(checkpoint["weights"][name])
+    fresh.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    _steps_by_route(route, fresh_params, fresh, 5, start=6)
+    _assert_same_run(fresh_params, fresh, *straight)
+
+
+@pytest.mark.parametrize("case", list(_SIXTEEN_BIT_ROUTES))
+def test_16_bit_steps_leave_torch_global_rng_alone(case: str) -> None:
+    """The rounding noise is the optimizer's own stream: the caller's random numbers (dropout, timesteps)
+    come out the same whether or not the optimizer steps in between."""
+    route, dtype, options = _SIXTEEN_BIT_ROUTES[case]
+    torch.manual_seed(0)
+    params, optimizer = _sixteen_bit_optimizer(route, dtype, options)
+    before = torch.get_rng_state()
+    _steps_by_route(route, params, optimizer, 3, start=0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_state_dict_without_rounding_seed_still_loads_and_steps() -> None:
+    """State dicts saved before the seed existed: the loading optimizer's own seed is used."""
+    params, optimizer = _optimizer(torch.bfloat16)
+    _train(params, optimizer, 2)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        del group["rounding_seed"]
+    fresh_params, fresh = _optimizer(torch.bfloat16)
+    fresh.load_state_dict(saved)
+    assert [g["rounding_seed"] for g in fresh.param_groups] == [fresh.defaults["rounding_seed"]] * 2
+    _train(fresh_params, fresh, 2, start=2)
+    assert fresh.param_groups[0]["k"] == 5
+
+
+@pytest.mark.parametrize("case", ["step-multi-tensor-bf16", "step-reference-bf16", "step-param-bf16"])
+def test_16_bit_resume_through_trainer_checkpoint_equals_uninterrupted(case: str, tmp_path) -> None:
+    """The same through trainers.checkpoint (safetensors tensors, JSON groups, RNG states), which keeps only
+    per-parameter tensors and JSON-able group entries: whatever the rounding noise needs must be one."""
+    from trainers.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+
+    route, dtype, options = _SIXTEEN_BIT_ROUTES[case]
+
+    def save(params, optimizer):
+        state = TrainerState(step=6, epoch=0, batch_in_epoch=0)
+        return save_checkpoint(tmp_path, state, params, optimizer, torch.Generator(), 1)
+
+    folder, straight = _straight_run(route, dtype, options, save)
+
+    torch.manual_seed(1)
+    fresh_params, fresh = _sixteen_bit_optimizer(route, dtype, options)
+    load_checkpoint(folder, fresh_params, fresh, torch.Generator())
+    _steps_by_route(route, fresh_params, fresh, 5, start=6)
+    _assert_same_run(fresh_params, fresh, *straight)
 
 
 # ---------------------------------------------------------------- fused backward pass
@@ -422,14 +557,15 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours() -> None:
     x = torch.rand(64) * 4 - 2
     down, up = _bf16_neighbours(x)
     noise = RoundingNoise()
+    group = {"rounding_seed": 5, "k": 1}  # one long step: 4000 draws, each with its own key
     for name, rounder in [
         (
             "reference",
-            lambda v: (lambda t: (copy_stochastic_(t, v), t.float())[1])(
+            lambda v: (lambda t: (noise.copy_stochastic_(t, v, group), t.float())[1])(
                 torch.empty_like(v, dtype=torch.bfloat16)
             ),
         ),
-        ("multi-tensor", lambda v: noise.round_(v.clone()).float()),
+        ("multi-tensor", lambda v: noise.round_(v.clone(), group).float()),
     ]:
         draws = torch.stack([rounder(x) for _ in range(4000)])
         assert torch.all((draws == down) | (draws == up)), name
@@ -442,9 +578,8 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours() -> None:
 
 def test_rounding_noise_window_is_uniform() -> None:
     noise = RoundingNoise()
-    counts = torch.bincount(
-        noise.window(RoundingNoise.POOL_SIZE, torch.device("cpu")).long(), minlength=1 << 16
-    )
+    window = noise.window(RoundingNoise.POOL_SIZE, torch.device("cpu"), {"rounding_seed": 5, "k": 1})
+    counts = torch.bincount(window.long(), minlength=1 << 16)
     assert counts.min() == counts.max() == 16  # every 16-bit value equally often, whatever the offset
 
 

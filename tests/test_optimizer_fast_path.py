@@ -135,8 +135,8 @@ def _drift_run(dtype: torch.dtype, steps: int) -> tuple[torch.Tensor, torch.Tens
     """
     generator = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(_drift_start(generator).to(dtype))
+    torch.manual_seed(0)  # the rounding noise's seed is torch.initial_seed() at construction
     optimizer = ProdigyPlusScheduleFree([p], d0=1e-3, prodigy_steps=1)
-    torch.manual_seed(0)  # the rounding noise's offsets
     for _ in range(steps):
         p.grad = (1.0 + 0.5 * torch.randn(64, 64, generator=generator)).to(dtype)
         optimizer.step()
