@@ -38,6 +38,7 @@ from trainers.dataset import (
     ImageItem,
     assign_buckets,
     bucket_summary,
+    crop_warnings,
     load_image,
     process_caption,
     scan_dataset,
@@ -121,6 +122,10 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
     buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
     lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
     lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
+    lines += [
+        f"warning: {message}"
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect)
+    ]
     if scan.missing_captions:
         lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
     return [], "\n".join(lines)
@@ -286,6 +291,9 @@ class Trainer:
             print(f"warning: skipped {path}: {reason}", file=sys.stderr)
             self.events.write("warning", message=f"skipped image {path}: {reason}")
         buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect):
+            print(f"warning: {message}", file=sys.stderr)
+            self.events.write("warning", message=message)
         summary = bucket_summary(buckets)
         print(summary)
         self.events.write(
