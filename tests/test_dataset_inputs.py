@@ -3,6 +3,7 @@ folders, extreme aspect ratios, and over-long captions. Each is now read correct
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -138,3 +139,85 @@ def test_extreme_aspect_ratio_warns_with_the_file_max_aspect_and_kept_fraction(t
         f"its 1408x704 bucket keeps {kept:.1%} of the image. Crop it yourself, or raise dataset.max_aspect"
     )
     assert f"{kept:.1%}" == "1.0%"
+
+
+# ---------------------------------------------------------------- through the trainer
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from trainers.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+
+
+def test_over_long_caption_is_reported_once_in_one_short_line(
+    tiny_model: Path, tmp_path: Path, capfd
+) -> None:
+    import torch
+
+    from trainers.config import validate_config
+    from trainers.models.sdxl import SDXLAdapter
+
+    config = validate_config(
+        {
+            "name": "run",
+            "model": {"path": str(tiny_model)},
+            "dataset": {"path": str(tmp_path), "resolution": 64},
+            "training": {"max_steps": 1, "precision": "fp32"},
+        }
+    )
+    adapter = SDXLAdapter(config, torch.device("cpu"))
+    adapter.load()
+    long_caption = " ".join(["dog"] * 10_000)  # "dog" is one token of the tiny tokenizer
+    capfd.readouterr()
+    # the libraries log through their own handlers (not propagated to pytest's): listen on them directly
+    records: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = records.append
+    library_loggers = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
+    for logger in library_loggers:
+        logger.addHandler(listener)
+    try:
+        adapter.encode_captions([long_caption, "a dog", long_caption])
+        adapter.encode_captions([long_caption])
+    finally:
+        for logger in library_loggers:
+            logger.removeHandler(listener)
+
+    assert [r.getMessage()[:200] for r in records if r.levelno >= logging.WARNING] == []
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[:2000]
+    # 10,000 words + the start and end tokens, against CLIP's 77
+    assert "is 10002 tokens long; the text encoder reads only the first 77" in lines[0]
+    assert len(err) < 400
+
+
+def test_trainer_logs_scan_warnings_and_writes_caches_to_cache_dir(tiny_model: Path, tmp_path: Path) -> None:
+    from trainers import train as training
+    from trainers.cache import CACHE_FOLDER
+    from trainers.config import validate_config
+    from trainers.events import read_events
+    from trainers.tiny_models import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", num_images=3)
+    _png(data / "0_unused" / "u.png", (64, 64))
+    _png(data / "abc_more" / "m.png", (64, 64))
+    config = validate_config(
+        {
+            "name": "run",
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"path": str(tiny_model)},
+            "dataset": {"path": str(data), "resolution": 64, "cache_dir": str(tmp_path / "cache")},
+            "lora": {"rank": 4},
+            "training": {"max_steps": 2, "precision": "fp32"},
+            "saving": {"every_n_steps": 0, "formats": ["kohya"]},
+        }
+    )
+
+    run_dir = training.train(config)
+
+    warnings = [e["message"] for e in read_events(run_dir) if e["type"] == "warning"]
+    assert any(m.startswith(f"folder {data / '0_unused'}: a repeat count of 0") for m in warnings), warnings
+    assert any(m.startswith(f"folder {data / 'abc_more'}: 'abc' is not a repeat count") for m in warnings)
+    assert list((tmp_path / "cache").rglob("*.safetensors")), "no cache entries in dataset.cache_dir"
+    assert not (data / CACHE_FOLDER).exists()
