@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from trainers.config import DEMO_SCHEME, TrainConfig
+from trainers.paths import DEMO_DATASETS, DEMO_MODELS
 
-DEMO_MODELS = {"tiny-sdxl"}
-DEMO_DATASETS = {"shapes"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 # Keys every SDXL single-file checkpoint has: its UNet, and the second (OpenCLIP bigG) text encoder.
 SDXL_KEY_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from trainers.config import DEMO_SCHEME
 
+DEMO_MODELS = {"tiny-sdxl"}
+DEMO_DATASETS = {"shapes"}
+
 
 def demo_root() -> Path:
     """Where demo:// models and datasets are generated (PPSF_DEMO_DIR, else ~/.cache/ppsf-trainer/demo)."""
