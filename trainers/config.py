@@ -342,11 +342,22 @@ def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
             if item["type"] == "finite_number":
                 message = "must be a finite number, not nan or inf"
             given = item.get("input")
-            if item["type"] in ("int_type", "float_type") and isinstance(given, str):
+            if item["type"] in ("int_type", "float_type") and _is_number_text(given):
                 message += "; write the number without quotes"
             shown = f" (got {given!r})" if not isinstance(given, dict | list) and given is not None else ""
             problems.append(f"{location}: {message}{shown}" if location else message)
     return problems
+
+
+def _is_number_text(value: Any) -> bool:
+    """Whether a value is a number written as a string, as in max_steps = "100"."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
