@@ -2,7 +2,7 @@
 
 Entries are keyed by what they depend on (file content hash, bucket, crop, caption text, model), so a
 second run skips the VAE and text encoders, and a changed image or caption invalidates only its own entry.
-The cache lives in a hidden folder inside the dataset, which the dataset scan ignores.
+The cache lives in dataset.cache_dir, or else in a hidden folder inside the dataset, which the scan ignores.
 """
 
 from __future__ import annotations
@@ -56,12 +56,18 @@ class TensorCache:
         atomic_write(self._path(key), lambda tmp: save_file(tensors, str(tmp)))
 
 
-def latent_cache(dataset_root: Path, fingerprint: str) -> TensorCache:
-    return TensorCache(Path(dataset_root) / CACHE_FOLDER / fingerprint / "latents")
+def cache_root(dataset_root: Path, cache_dir: str | None) -> Path:
+    """The folder holding a dataset's caches: `cache_dir` if given, else <dataset>/.ppsf-cache."""
+    return Path(cache_dir).expanduser() if cache_dir else Path(dataset_root) / CACHE_FOLDER
 
 
-def text_cache(dataset_root: Path, fingerprint: str) -> TensorCache:
-    return TensorCache(Path(dataset_root) / CACHE_FOLDER / fingerprint / "text")
+def latent_cache(root: Path, fingerprint: str) -> TensorCache:
+    """Latents under a cache root (see cache_root); `fingerprint` separates models and their settings."""
+    return TensorCache(Path(root) / fingerprint / "latents")
+
+
+def text_cache(root: Path, fingerprint: str) -> TensorCache:
+    return TensorCache(Path(root) / fingerprint / "text")
 
 
 def latent_key(image_digest: str, bucket: tuple[int, int], crop: str) -> str:

@@ -14,6 +14,8 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_SCHEME = "demo://"  # demo://tiny-sdxl and demo://shapes are generated on first use
+MAX_ASPECT = 8.0  # wider buckets are useless for SDXL, and the bucket table grows with the aspect
+MAX_NAME_LENGTH = 100
 
 
 class ConfigError(ValueError):
@@ -25,7 +27,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: TOML has types, so "100" for a number is a mistake to report, not to coerce (ints still
+    # pass for float fields); no nan/inf anywhere, since a non-finite number only fails much later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -44,6 +48,11 @@ class DatasetConfig(_Section):
         description="Folder of images with same-named .txt captions (kohya N_concept folders work)."
     )
     caption_extension: str = Field(".txt", description="Extension of the caption file next to each image.")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for the latent and text caches; empty means a hidden .ppsf-cache folder inside "
+        "the dataset.",
+    )
     trigger_word: str | None = Field(None, description="Added as the first tag of every caption.")
     shuffle_tags: bool = Field(
         False, description="Shuffle comma-separated tags each time (keeps the first N)."
@@ -51,7 +60,7 @@ class DatasetConfig(_Section):
     keep_tokens: int = Field(0, ge=0, description="Tags kept in place when shuffling.")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of an empty caption.")
     resolution: int = Field(1024, description="Training area is resolution²; must be a multiple of 64.")
-    max_aspect: float = Field(2.0, ge=1.0, description="Widest bucket aspect ratio.")
+    max_aspect: float = Field(2.0, ge=1.0, le=MAX_ASPECT, description="Widest bucket aspect ratio.")
     no_upscale: bool = Field(True, description="Never upscale small images to a bucket; use their own size.")
     crop: Literal["center", "random"] = Field(
         "center", description="How images are cropped to their bucket; random crops are not cached."
@@ -66,6 +75,13 @@ class DatasetConfig(_Section):
     def _multiple_of_64(cls, value: int) -> int:
         if value <= 0 or value % 64:
             raise ValueError(f"must be a positive multiple of 64; try {max(64, round(value / 64) * 64)}")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension(cls, value: str) -> str:
+        if value.strip().strip(".") == "" or any(c in value for c in "/\\*?"):
+            raise ValueError('must name the caption files\' extension, e.g. ".txt" or ".caption"')
         return value
 
 
@@ -166,6 +182,19 @@ class OptimizerConfig(_Section):
     )
     stochastic_rounding: bool = Field(True, description="Round bf16 weights stochastically (unbiased).")
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # TOML and JSON have no tuples
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for index, beta in enumerate(value):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"beta{index + 1} = {beta} must be in [0, 1), e.g. betas = [0.9, 0.99]")
+        return value
+
     @field_validator("prodigy_steps")
     @classmethod
     def _prodigy_steps(cls, value: int | float | str) -> int | float | str:
@@ -194,6 +223,14 @@ class SamplingConfig(_Section):
     width: int | None = Field(None, description="Defaults to dataset.resolution.")
     height: int | None = Field(None, description="Defaults to dataset.resolution.")
 
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        # the VAE halves the image three times: other sizes fail only when the first sample is drawn
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"must be a positive multiple of 8; try {max(8, round(value / 8) * 8)}")
+        return value
+
 
 class SavingConfig(_Section):
     every_n_steps: int = Field(250, ge=0, description="Checkpoint (LoRA + optimizer state) every N steps.")
@@ -219,7 +256,13 @@ class TrainConfig(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not value or any(c in value for c in '/\\:*?"<>|') or value.startswith("."):
+        if not value.strip():
+            raise ValueError("must be a folder name, not empty or only spaces")
+        if len(value) > MAX_NAME_LENGTH:
+            raise ValueError(f"is {len(value)} characters long; keep it to {MAX_NAME_LENGTH} or fewer")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("contains a control character (NUL, tab, newline...); use a plain folder name")
+        if any(c in value for c in '/\\:*?"<>|') or value.startswith("."):
             raise ValueError("must be a plain folder name (no slashes or special characters)")
         return value
 
@@ -246,6 +289,10 @@ def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
         raise ConfigError([f"{path}: config file not found"])
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            [f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"]
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML ({error})"]) from None
     for override in overrides or []:
@@ -292,10 +339,25 @@ def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
             problems.append(f"{location}: required, but missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "finite_number":
+                message = "must be a finite number, not nan or inf"
             given = item.get("input")
+            if item["type"] in ("int_type", "float_type") and _is_number_text(given):
+                message += "; write the number without quotes"
             shown = f" (got {given!r})" if not isinstance(given, dict | list) and given is not None else ""
             problems.append(f"{location}: {message}{shown}" if location else message)
     return problems
+
+
+def _is_number_text(value: Any) -> bool:
+    """Whether a value is a number written as a string, as in max_steps = "100"."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:

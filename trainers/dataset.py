@@ -13,7 +13,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,14 @@ METADATA_FILE = "metadata.jsonl"
 CROP_MODES = ("center", "random")
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+_PREFIXED_FOLDER = re.compile(r"^([^_]+)_(.+)$")  # kohya's "<repeats>_<concept>" shape with any prefix
+# Tried in order when a caption file is not UTF-8; latin-1 decodes any byte, so the last always works.
+CAPTION_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
+# Below this share of an image kept by its bucket's crop, the scan warns (max_aspect 2 keeps >= 50%
+# of any image up to 4:1).
+MIN_KEPT_FRACTION = 0.5
+# Pillow's 16-bit and 32-bit integer greyscale modes (16-bit PNGs open as I;16 or I): 0..65535.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # EXIF orientations 5-8 rotate by 90 degrees, so the displayed image has width and height swapped.
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -47,11 +55,13 @@ class ImageItem:
 
 @dataclass
 class DatasetScan:
-    """Result of ``scan_dataset``: usable images, skipped files with reasons, and images lacking a caption."""
+    """Result of ``scan_dataset``: usable images, skipped files with reasons, images lacking a caption, and
+    warnings about what was read in a way the user may not expect (one line each, naming the file)."""
 
     items: list[ImageItem]
     skipped: list[tuple[Path, str]]
     missing_captions: list[Path]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -84,8 +94,11 @@ def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
     - Captions come from ``<image stem><caption_extension>`` next to the image; a ``metadata.jsonl`` in a
       folder (``{"file_name": ..., "text": ...}`` per line, names relative to that folder) overrides them.
       Images without any caption get "" and are listed in ``missing_captions``.
-    - An image inside a folder named ``N_concept`` (N >= 1; the nearest such folder below ``root``) is
-      repeated N times per epoch, others once.
+    - An image inside a folder named ``N_concept`` (the nearest such folder below ``root``) is repeated N
+      times per epoch, others once. As in kohya, ``0_concept`` folders are left out; a top-level folder
+      named like ``abc_concept`` (not a number) is used once. Both are named in ``warnings``.
+    - A caption file that is not UTF-8 is read with the first of CAPTION_ENCODINGS that decodes it, with
+      a warning naming the file and the encoding used.
     - Unreadable, truncated or empty files are listed in ``skipped`` with a reason instead of raising.
     - Hidden files and folders (name starting with ".") are ignored; symlinked folders are followed once.
 
@@ -109,7 +122,15 @@ def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
     items: list[ImageItem] = []
     skipped: list[tuple[Path, str]] = []
     missing: list[Path] = []
+    warnings: dict[str, None] = {}  # ordered set: one warning per folder
+    left_out: Counter[Path] = Counter()
     for path in image_paths:
+        repeats, folder_warning = _repeats_for(path, root)
+        if folder_warning:
+            warnings[folder_warning] = None
+        if repeats == 0:
+            left_out[path.parent] += 1
+            continue
         try:
             width, height = _probe_image(path)
         except _UnreadableImage as exc:
@@ -117,14 +138,17 @@ def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
             continue
         caption = metadata_captions.get(path)
         if caption is None:
-            caption = _read_side_caption(path, caption_extension)
+            caption, caption_warning = _read_side_caption(path, caption_extension)
+            if caption_warning:
+                warnings[caption_warning] = None
         if not caption:
             missing.append(path)
-        items.append(ImageItem(path, caption or "", _repeats_for(path, root), width, height))
+        items.append(ImageItem(path, caption or "", repeats, width, height))
 
+    notes = [_left_out_warning(folder, count) for folder, count in left_out.items()] + list(warnings)
     if not items:
-        raise DatasetError(_no_images_message(root, skipped))
-    return DatasetScan(items=items, skipped=skipped, missing_captions=missing)
+        raise DatasetError(_no_images_message(root, skipped, notes))
+    return DatasetScan(items=items, skipped=skipped, missing_captions=missing, warnings=notes)
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:
@@ -157,7 +181,13 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
 def _read_metadata(metadata_file: Path) -> dict[Path, str]:
     """Return {image path: caption} from one ``metadata.jsonl``; raise DatasetError on a malformed line."""
     captions: dict[Path, str] = {}
-    text = metadata_file.read_text(encoding="utf-8-sig")
+    try:
+        text = metadata_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # JSON Lines is UTF-8 by definition: guessing here could silently pair wrong captions
+        raise DatasetError(
+            f"{metadata_file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -176,13 +206,26 @@ def _read_metadata(metadata_file: Path) -> dict[Path, str]:
     return captions
 
 
-def _read_side_caption(image_path: Path, caption_extension: str) -> str | None:
-    """Return the cleaned caption from the image's side file, or None if there is none."""
+def _read_side_caption(image_path: Path, caption_extension: str) -> tuple[str | None, str | None]:
+    """Return (cleaned caption or None if there is no side file, warning if it was not UTF-8)."""
     caption_path = image_path.with_suffix(caption_extension)
     if not caption_path.is_file():
-        return None
-    # utf-8-sig drops the BOM Windows editors add; undecodable bytes must not abort a whole scan.
-    return _clean_caption(caption_path.read_text(encoding="utf-8-sig", errors="replace"))
+        return None, None
+    raw = caption_path.read_bytes()
+    # utf-8-sig drops the BOM Windows editors add; older Windows editors save cp1252
+    for encoding in CAPTION_ENCODINGS:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        warning = None
+        if encoding != CAPTION_ENCODINGS[0]:
+            warning = (
+                f"caption {caption_path} is not UTF-8; read it as {encoding} "
+                f"(check the caption, and save it as UTF-8 to be sure)"
+            )
+        return _clean_caption(text), warning
+    raise AssertionError("latin-1 decodes every byte")  # unreachable: the last encoding never fails
 
 
 def _clean_caption(text: str) -> str:
@@ -190,13 +233,38 @@ def _clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
-def _repeats_for(image_path: Path, root: Path) -> int:
-    """Return N from the nearest ``N_concept`` folder between ``root`` and the image, else 1."""
-    for folder in reversed(image_path.parent.relative_to(root).parts):
+def _repeats_for(image_path: Path, root: Path) -> tuple[int, str | None]:
+    """Return (repeats, warning about the folder or None) for an image; 0 repeats means left out.
+
+    N comes from the nearest ``N_concept`` folder between ``root`` and the image. kohya's sd-scripts
+    only trains folders with N >= 1 and ignores the others, so ``0_concept`` is left out here too. A
+    top-level ``abc_concept`` folder (kohya ignores it as well) is trained once per epoch, since its
+    images were put there to be trained on; the warning says so.
+    """
+    parts = image_path.parent.relative_to(root).parts
+    for folder in reversed(parts):
         match = _REPEAT_FOLDER.match(folder)
-        if match and int(match.group(1)) >= 1:
-            return int(match.group(1))
-    return 1
+        if match:
+            repeats = int(match.group(1))
+            return repeats, None
+    prefixed = _PREFIXED_FOLDER.match(parts[0]) if parts else None
+    if prefixed:
+        return 1, (
+            f"folder {root / parts[0]}: {prefixed.group(1)!r} is not a repeat count, so its images are used "
+            f"once per epoch (kohya would ignore this folder); name it N_{prefixed.group(2)} to repeat them "
+            "N times"
+        )
+    return 1, None
+
+
+def _left_out_warning(folder: Path, count: int) -> str:
+    """The warning for a ``0_concept`` folder whose ``count`` images are not trained on."""
+    concept = _REPEAT_FOLDER.match(folder.name)
+    rename = f"1_{concept.group(2)}" if concept else "N_concept"
+    return (
+        f"folder {folder}: a repeat count of 0 leaves its {count} image(s) out of training, as kohya does; "
+        f"rename it {rename} to train on them"
+    )
 
 
 def _probe_image(path: Path) -> tuple[int, int]:
@@ -230,13 +298,15 @@ def _probe_image(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _no_images_message(root: Path, skipped: list[tuple[Path, str]]) -> str:
+def _no_images_message(root: Path, skipped: list[tuple[Path, str]], notes: list[str]) -> str:
     """Return the DatasetError message for a folder with no usable image."""
     extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
     message = f"No usable images in dataset folder {root} (looked for {extensions}, in subfolders too)"
     if skipped:
         path, reason = skipped[0]
         message += f"; {len(skipped)} file(s) could not be read, e.g. {path.name}: {reason}"
+    if notes:
+        message += f"; {notes[0]}"
     return message
 
 
@@ -345,6 +415,27 @@ def assign_buckets(
     return [assign_bucket(item.width, item.height, table, no_upscale) for item in items]
 
 
+def crop_warnings(
+    items: Iterable[ImageItem], buckets: Iterable[tuple[int, int]], max_aspect: float
+) -> list[str]:
+    """One warning per image whose bucket's crop keeps less than MIN_KEPT_FRACTION of it.
+
+    The image is scaled to cover its bucket, so the crop keeps bucket area / scaled image area.
+    """
+    warnings = []
+    for item, (bucket_w, bucket_h) in zip(items, buckets):
+        scale = max(bucket_w / item.width, bucket_h / item.height)
+        kept = bucket_w * bucket_h / (item.width * scale * item.height * scale)
+        if kept < MIN_KEPT_FRACTION:
+            aspect = max(item.width, item.height) / min(item.width, item.height)
+            warnings.append(
+                f"image {item.path}: {item.width}x{item.height} has aspect {aspect:.1f}:1, beyond "
+                f"dataset.max_aspect = {max_aspect:g}; its {bucket_w}x{bucket_h} bucket keeps {kept:.1%} of "
+                "the image. Crop it yourself, or raise dataset.max_aspect"
+            )
+    return warnings
+
+
 def bucket_summary(assignments: Iterable[tuple[int, int]] | Mapping[object, tuple[int, int]]) -> str:
     """Return a printable table of bucket -> image count (tallest to widest), with a total line.
 
@@ -401,7 +492,14 @@ def load_image(item_path: Path, bucket: tuple[int, int], crop: str, rng: random.
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Return ``image`` as RGB; transparent areas become white rather than whatever colour they hide."""
+    """Return ``image`` as RGB; transparent areas become white rather than whatever colour they hide.
+
+    16-bit greyscale (a 16-bit PNG) is scaled to 8 bits; Pillow's own convert clips it at 255 instead.
+    """
+    if image.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255
+        return Image.fromarray(grey, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

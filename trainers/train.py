@@ -23,7 +23,15 @@ from tqdm import tqdm
 from ppsf_optim import ProdigyPlusScheduleFree
 from trainers.atomic import atomic_write, atomic_write_text
 from trainers.batches import epoch_batches, steps_per_epoch
-from trainers.cache import TensorCache, file_digest, latent_cache, latent_key, text_cache, text_key
+from trainers.cache import (
+    TensorCache,
+    cache_root,
+    file_digest,
+    latent_cache,
+    latent_key,
+    text_cache,
+    text_key,
+)
 from trainers.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -32,12 +40,14 @@ from trainers.checkpoint import (
     restore_python_rng,
     save_checkpoint,
 )
+from trainers.checks import config_problems, config_warnings
 from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
 from trainers.dataset import (
     DatasetError,
     ImageItem,
     assign_buckets,
     bucket_summary,
+    crop_warnings,
     load_image,
     process_caption,
     scan_dataset,
@@ -46,7 +56,7 @@ from trainers.events import EventLog
 from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
 from trainers.freeze import auto_freeze_due, auto_freeze_window, prodigy_steps_for
 from trainers.models import ModelAdapter, SampleConditioning, adapter_for
-from trainers.paths import path_problems, resolve_dataset_path, resolve_model_path
+from trainers.paths import resolve_dataset_path, resolve_model_path
 
 CONFIG_FILE = "config.toml"
 
@@ -110,19 +120,26 @@ def resume(run_dir: Path) -> Path:
 
 def check(config: TrainConfig) -> tuple[list[str], str]:
     """(problems, dataset summary) found without loading a model; no problems means ready to train."""
-    problems = path_problems(config) + _missing_packages(config)
-    if problems:
+    problems = config_problems(config)
+    if any(problem.startswith("dataset.path") for problem in problems):
         return problems, ""
-    try:
+    try:  # the dataset's own problems are reported along with the config's
         scan = scan_dataset(resolve_dataset_path(config.dataset.path), config.dataset.caption_extension)
     except DatasetError as error:
-        return [f"dataset.path: {error}"], ""
+        return [*problems, f"dataset.path: {error}"], ""
+    if problems:
+        return problems, ""
     dataset = config.dataset
     buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
     lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
     lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
+    lines += [
+        f"warning: {message}"
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect)
+    ]
     if scan.missing_captions:
         lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
+    lines += [f"warning: {message}" for message in config_warnings(config)]
     return [], "\n".join(lines)
 
 
@@ -154,9 +171,12 @@ class Trainer:
 
     def _run(self, resume_from: Path | None) -> None:
         config = self.config
-        problems = path_problems(config) + _missing_packages(config)
+        problems = config_problems(config)
         if problems:
             raise ConfigError(problems)
+        for message in config_warnings(config):
+            print(f"warning: {message}", file=sys.stderr)
+            self.events.write("warning", message=message)
         torch.manual_seed(config.training.seed)
         data = self._prepare_data()
         total_steps = self._total_steps(data)
@@ -286,6 +306,9 @@ class Trainer:
             print(f"warning: skipped {path}: {reason}", file=sys.stderr)
             self.events.write("warning", message=f"skipped image {path}: {reason}")
         buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect):
+            print(f"warning: {message}", file=sys.stderr)
+            self.events.write("warning", message=message)
         summary = bucket_summary(buckets)
         print(summary)
         self.events.write(
@@ -315,7 +338,7 @@ class Trainer:
         dataset = self.config.dataset
         latents = None
         if dataset.cache_latents and dataset.crop == "center":
-            latents = latent_cache(data.root, adapter.cache_fingerprint())
+            latents = latent_cache(cache_root(data.root, dataset.cache_dir), adapter.cache_fingerprint())
             self.digests = [file_digest(item.path) for item in data.items]
             for index, item in enumerate(tqdm(data.items, desc="caching latents", unit="image", leave=False)):
                 key = latent_key(self.digests[index], data.buckets[index], dataset.crop)
@@ -327,7 +350,7 @@ class Trainer:
             self.events.write("warning", message="latents are not cached with dataset.crop = 'random'")
         texts = None
         if dataset.cache_text_embeddings and self._captions_are_fixed():
-            texts = text_cache(data.root, adapter.cache_fingerprint())
+            texts = text_cache(cache_root(data.root, dataset.cache_dir), adapter.cache_fingerprint())
             captions = {self._caption(item.caption, random.Random(0), dropout=False) for item in data.items}
             if dataset.caption_dropout > 0:
                 captions.add("")
@@ -527,17 +550,6 @@ class Trainer:
     def _restore_signal_handlers(previous) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _missing_packages(config: TrainConfig) -> list[str]:
-    if config.training.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return [
-                "training.tensorboard: the tensorboard package is not installed (pip install tensorboard)"
-            ]
-    return []
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -12,6 +12,16 @@ from PIL import Image
 from trainers.config import TrainConfig
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # config names
+CAPTION_EXCERPT_CHARS = 60
+
+
+def caption_length_warning(caption: str, tokens: int, limit: int) -> str:
+    """The one-line warning for a caption the text encoder will cut at `limit` tokens."""
+    excerpt = caption if len(caption) <= CAPTION_EXCERPT_CHARS else caption[:CAPTION_EXCERPT_CHARS] + "…"
+    return (
+        f"caption {excerpt!r} is {tokens} tokens long; the text encoder reads only the first {limit}, "
+        "the rest is ignored (shorten the caption to keep what matters)"
+    )
 
 
 @dataclass(frozen=True)

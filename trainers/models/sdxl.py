@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,7 +15,7 @@ from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
-from trainers.models.base import ModelAdapter, SampleConditioning
+from trainers.models.base import ModelAdapter, SampleConditioning, caption_length_warning
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -33,6 +37,11 @@ class SDXLAdapter(ModelAdapter):
                 "Hugging Face repo id already in the local cache, or a single-file SDXL .safetensors."
             ) from error
         pipe.set_progress_bar_config(disable=True)
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+            # over-long captions are counted and reported once each by encode_captions; this stops
+            # transformers' own "sequence length is longer" warning at the tokenizer
+            tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+        self._long_captions_reported: set[str] = set()
         pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
@@ -63,15 +72,30 @@ class SDXLAdapter(ModelAdapter):
         return latents * vae.config.scaling_factor
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        self._report_long_captions(captions)
         for name in TEXT_ENCODERS:
             encoder = getattr(self.pipe, name)
             if next(encoder.parameters()).device != self.device:
                 encoder.to(self.device)
-        with torch.set_grad_enabled(self.config.lora.train_text_encoder and torch.is_grad_enabled()):
+        grad = self.config.lora.train_text_encoder and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), _quiet_pipeline_warnings():
             prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
                 captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
         return {"prompt_embeds": prompt_embeds, "pooled": pooled}
+
+    def _report_long_captions(self, captions: list[str]) -> None:
+        """One line per caption longer than CLIP's limit, the first time it is encoded."""
+        tokenizer = self.pipe.tokenizer  # both SDXL tokenizers split text the same way
+        for caption in captions:
+            if caption in self._long_captions_reported:
+                continue
+            # tokenize() does not warn about length, and + 2 counts the start and end tokens
+            tokens = len(tokenizer.tokenize(caption)) + 2
+            if tokens > tokenizer.model_max_length:
+                self._long_captions_reported.add(caption)
+                message = caption_length_warning(caption, tokens, tokenizer.model_max_length)
+                print(f"warning: {message}", file=sys.stderr)
 
     def offload_encoders(self) -> None:
         self.pipe.vae.to("cpu")
@@ -201,3 +225,16 @@ class SDXLAdapter(ModelAdapter):
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         }
+
+
+@contextlib.contextmanager
+def _quiet_pipeline_warnings() -> Iterator[None]:
+    """Hide the pipeline's "part of your input was truncated" warning, which repeats the whole cut-off text
+    for each tokenizer; _report_long_captions says it once, in one line."""
+    logger = logging.getLogger(StableDiffusionXLPipeline.__module__)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -1,0 +1,348 @@
+"""Everything checked about a validated config before any model loads, for `check`, `train` and the UI alike.
+
+The schema (config.py) checks each value on its own; this module checks the config against the machine:
+paths, permissions, installed packages, the model file's header, and the LoRA targets against the model's
+architecture, built from its config json on the `meta` device (no weights are read). Problems stop a run;
+warnings are printed and logged, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from trainers.config import DEMO_SCHEME, TrainConfig
+from trainers.paths import DEMO_DATASETS, DEMO_MODELS
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+# Keys every SDXL single-file checkpoint has: its UNet, and the second (OpenCLIP bigG) text encoder.
+SDXL_KEY_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
+_EXPORT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Layer types peft can put a LoRA on (by their class names, so torch need not be imported to list them).
+_LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+
+
+def config_problems(config: TrainConfig) -> list[str]:
+    """Every problem that would stop this config's run, one "field: message" line each; [] means ready."""
+    problems = path_problems(config)
+    model_is_usable = not any(problem.startswith("model.path") for problem in problems)
+    problems += _missing_packages(config) + _write_problems(config) + _empty_target_problems(config)
+    if model_is_usable:  # the architecture is only looked at in a model known to be the right kind
+        problems += _target_problems(config)
+    return problems
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """What is allowed but probably not meant (a path read as local, an oversized rank), one line each."""
+    warnings = []
+    note = _local_model_note(config.model.path)
+    if note:
+        warnings.append(note)
+    warnings += _rank_warnings(config)
+    return warnings
+
+
+# ---------------------------------------------------------------- paths
+def path_problems(config: TrainConfig) -> list[str]:
+    """Missing or wrong paths, one message per problem, without loading anything."""
+    problems = []
+    model = config.model.path
+    if model.startswith(DEMO_SCHEME):
+        if model.removeprefix(DEMO_SCHEME) not in DEMO_MODELS:
+            problems.append(f"model.path: unknown demo model {model!r}; available: demo://tiny-sdxl")
+    else:
+        problems.extend(_model_path_problems(model))
+    dataset = config.dataset.path
+    if dataset.startswith(DEMO_SCHEME):
+        if dataset.removeprefix(DEMO_SCHEME) not in DEMO_DATASETS:
+            problems.append(f"dataset.path: unknown demo dataset {dataset!r}; available: demo://shapes")
+    else:
+        folder = Path(dataset).expanduser()
+        if not folder.exists():
+            problems.append(f"dataset.path: {folder} does not exist")
+        elif not folder.is_dir():
+            problems.append(f"dataset.path: {folder} is a file; give the folder that holds the images")
+    return problems
+
+
+def _model_path_problems(model: str) -> list[str]:
+    path = Path(model).expanduser()
+    looks_local = (
+        model.endswith((*SINGLE_FILE_SUFFIXES, ".ckpt"))
+        or model.startswith((".", "/", "~"))
+        or (os.sep in model and model.count("/") != 1)
+    )
+    if path.exists():  # an existing local path is always taken as local, even if it looks like a repo id
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            return [
+                f"model.path: {path} is a folder without model_index.json (not a diffusers pipeline folder)"
+            ]
+        if path.is_file() and path.suffix == ".ckpt":
+            return [f"model.path: {path} is a .ckpt (pickle) file; convert it to .safetensors first"]
+        if path.is_file():
+            problem = _checkpoint_problem(path)
+            return [problem] if problem else []
+        return []
+    if looks_local:
+        return [f"model.path: {path} does not exist"]
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            return [
+                f"model.path: {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                "download it first or give a local folder"
+            ]
+    return []
+
+
+def _local_model_note(model: str) -> str | None:
+    """Say so when a path that could be a Hub repo id ("org/name") is read as the local folder it names."""
+    if model.startswith((DEMO_SCHEME, ".", "/", "~")) or model.count("/") != 1:
+        return None
+    path = Path(model)
+    if not path.exists():
+        return None
+    return (
+        f"model.path: {model!r} is read as the local {'folder' if path.is_dir() else 'file'} "
+        f"{path.resolve()}, not as the Hugging Face repo of that name (write ./{model} to make that plain)"
+    )
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a single model file is not an SDXL safetensors checkpoint, from its header alone (no weights)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
+            keys = list(file.keys())
+    except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
+        return (
+            f"model.path: {path} is not a safetensors file ({type(error).__name__}: {error}); give an SDXL "
+            ".safetensors checkpoint or a diffusers folder"
+        )
+    if all(any(key.startswith(prefix) for key in keys) for prefix in SDXL_KEY_PREFIXES):
+        return None
+    return (
+        f"model.path: {path} is not an SDXL checkpoint ({_guess_family(keys)}: no "
+        f"{' / '.join(p + '*' for p in SDXL_KEY_PREFIXES)} tensors); give an SDXL .safetensors checkpoint or "
+        "a diffusers folder"
+    )
+
+
+def _guess_family(keys: list[str]) -> str:
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
+
+    if not keys:
+        return "it holds no tensors"
+    if any(key.startswith(("lora_", "lora_unet_")) or ".lora_" in key or ".lora." in key for key in keys):
+        return "it looks like a LoRA, not a base model"
+    if has("double_blocks.") or has("single_transformer_blocks."):
+        return "it looks like a Flux model"
+    if has("cond_stage_model.") or keys[0].startswith("model.diffusion_model."):
+        return "it looks like a Stable Diffusion 1.x/2.x checkpoint"
+    if any(key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in keys):
+        return "it looks like a diffusers UNet alone; give the whole pipeline folder"
+    return f"{len(keys)} tensors of another kind"
+
+
+# ---------------------------------------------------------------- packages and permissions
+def _missing_packages(config: TrainConfig) -> list[str]:
+    if config.training.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return [
+                "training.tensorboard: the tensorboard package is not installed (pip install tensorboard)"
+            ]
+    return []
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or the closest folder above it that exists (where a write would have to happen)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable(path: Path) -> bool:
+    """Whether files can be created at `path` (or, where it does not exist yet, in the folder above)."""
+    existing = _nearest_existing(path)
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def _write_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    run_dir = Path(config.output_dir).expanduser() / config.name
+    if not _writable(run_dir):
+        problems.append(
+            f"output_dir: {_nearest_existing(run_dir)} cannot be written (read-only or not a folder), so the "
+            f"run folder {run_dir} cannot be made; choose a writable output_dir"
+        )
+    dataset = config.dataset
+    if not (dataset.cache_latents or dataset.cache_text_embeddings):
+        return problems
+    if dataset.cache_dir:
+        cache = Path(dataset.cache_dir).expanduser()
+        if not _writable(cache):
+            problems.append(
+                f"dataset.cache_dir: {_nearest_existing(cache)} cannot be written (read-only or not a "
+                "folder); choose a writable folder, or turn dataset.cache_latents and "
+                "dataset.cache_text_embeddings off"
+            )
+        return problems
+    from trainers.cache import CACHE_FOLDER
+
+    root = Path(dataset.path).expanduser()
+    if not dataset.path.startswith(DEMO_SCHEME) and root.is_dir() and not _writable(root / CACHE_FOLDER):
+        problems.append(
+            f"dataset.path: {root} is read-only, so the latent and text caches cannot be written in it; set "
+            "dataset.cache_dir to a writable folder, or turn dataset.cache_latents and "
+            "dataset.cache_text_embeddings off"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------- LoRA targets against the architecture
+def _target_lists(config: TrainConfig) -> list[tuple[str, str, list[str]]]:
+    """(config field, component, module names) of each component that gets a LoRA."""
+    lora = config.lora
+    targets = [("lora.target_modules", "unet", lora.target_modules)]
+    if lora.train_text_encoder:
+        field = "lora.text_encoder_target_modules"
+        targets += [(field, "text_encoder", lora.text_encoder_target_modules)]
+        targets += [(field, "text_encoder_2", lora.text_encoder_target_modules)]
+    return targets
+
+
+def _empty_target_problems(config: TrainConfig) -> list[str]:
+    problems = {}
+    for field, _, names in _target_lists(config):
+        if not [name for name in names if name.strip()]:
+            default = config.lora.model_fields[field.removeprefix("lora.")].default_factory()
+            problems[f"{field}: empty, so nothing would train; name the layers, e.g. {default}"] = None
+    return list(problems)
+
+
+def _target_problems(config: TrainConfig) -> list[str]:
+    problems = {}
+    for field, component, names in _target_lists(config):
+        layers = _lora_layers(config.model.path, component)
+        if layers is None:
+            continue  # no architecture config without weights (a single file, a repo not in the cache)
+        for name in names:
+            if name.strip() and not _matching_layers([name], layers):
+                problems[_unmatched_message(field, component, name, layers)] = None
+    return list(problems)
+
+
+def _unmatched_message(field: str, component: str, name: str, layers: dict[str, tuple[int, int]]) -> str:
+    inside = sorted(
+        {key.split(f"{name}.", 1)[1] for key in layers if key.startswith(f"{name}.") or f".{name}." in key}
+    )
+    if inside:  # peft only puts LoRAs on layers, not on the blocks that hold them
+        examples = ", ".join(repr(layer) for layer in inside[:4])
+        return (
+            f"{field}: {name!r} matches no layer a LoRA can go on in the {component}; it is a block, not a "
+            f"layer; name its layers instead, e.g. {examples}"
+        )
+    candidates = {".".join(key.split(".")[-depth:]) for key in layers for depth in (1, 2)}
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "see the model's layer names"
+    return f"{field}: {name!r} matches no layer a LoRA can go on in the {component}; {hint}"
+
+
+def _matching_layers(names: list[str], layers: dict[str, tuple[int, int]]) -> list[str]:
+    """Layer names peft would give a LoRA for `names` (peft's own matching rule)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    lora = LoraConfig(target_modules=names)
+    return [key for key in layers if check_target_module_exists(lora, key)]
+
+
+def _rank_warnings(config: TrainConfig) -> list[str]:
+    """A warning when the rank exceeds what targeted layers can use (min(fan_in, fan_out) each)."""
+    rank = config.lora.rank
+    per_layer = []  # (full rank, LoRA parameters) of every targeted layer
+    for _, component, names in _target_lists(config):
+        layers = _lora_layers(config.model.path, component)
+        if layers is None:
+            return []
+        for key in _matching_layers([n for n in names if n.strip()], layers):
+            fan_in, fan_out = layers[key]
+            per_layer.append((min(fan_in, fan_out), rank * (fan_in + fan_out)))
+    over = [full for full, _ in per_layer if rank > full]
+    if not over:
+        return []
+    dtype = config.saving.dtype
+    megabytes = sum(params for _, params in per_layer) * _EXPORT_BYTES[dtype] / 2**20
+    return [
+        f"lora.rank: {rank} is more than the full rank of {len(over)} of the {len(per_layer)} targeted layers "
+        f"(their full rank is at most {max(over)}), so those learn nothing a smaller rank could not; the LoRA "
+        f"would be {megabytes:.1f} MB in {dtype}. Lower lora.rank (e.g. {min(full for full, _ in per_layer)})"
+    ]
+
+
+def _lora_layers(model_path: str, component: str) -> dict[str, tuple[int, int]] | None:
+    """{layer name: (fan_in, fan_out)} of the LoRA-able layers of a component, or None without a config."""
+    source = _architecture_source(model_path, component)
+    if source is None:
+        return None
+    return _layers_of(component, json.dumps(source, sort_keys=True))
+
+
+def _architecture_source(model_path: str, component: str) -> dict[str, Any] | None:
+    """The component's config dict: the demo model's, a local diffusers folder's, or a cached Hub repo's."""
+    if model_path.startswith(DEMO_SCHEME):
+        from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG
+
+        return dict(UNET_CONFIG) if component == "unet" else dict(CLIP_CONFIG)
+    local = Path(model_path).expanduser()
+    if local.is_file():
+        return None  # a single file has no config json; its keys are checked by _checkpoint_problem
+    if local.is_dir():
+        config_file: Any = local / component / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_file = try_to_load_from_cache(model_path, f"{component}/config.json")
+        if not isinstance(config_file, str):
+            return None
+    try:
+        return json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a missing or broken config is the loader's to report
+
+
+@functools.lru_cache(maxsize=8)
+def _layers_of(component: str, config_json: str) -> dict[str, tuple[int, int]]:
+    """Build the component on the meta device (shapes only, no memory) and list its LoRA-able layers."""
+    import torch
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(config)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+            text_config = CLIPTextConfig.from_dict(config)
+            model_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            model = model_class(text_config)
+    layers = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ not in _LORA_LAYERS:
+            continue
+        weight = module.weight
+        fan_in = weight[0].numel() if weight.dim() > 1 else weight.shape[0]
+        layers[name] = (int(fan_in), int(weight.shape[0]))
+    return layers
