@@ -33,6 +33,7 @@ class LaunchSettings:
     share: bool = False
     auth: tuple[str, str] | None = None
     runs_dir: Path = Path("runs")
+    configs_dir: Path | None = None  # None: configs/ beside the runs folder
     presets_dir: Path | None = None
     allow_parallel_runs: bool = False
     open_browser: bool = False
@@ -58,6 +59,13 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--auth", metavar="USER:PASSWORD", help=f"require this login (or set {AUTH_ENV})")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where runs live (default: runs)")
+    parser.add_argument(
+        "--configs-dir",
+        type=Path,
+        default=None,
+        help="the only folder the UI saves config files to and loads them from (default: configs/ beside "
+        "the runs folder)",
+    )
     parser.add_argument(
         "--presets-dir", type=Path, default=None, help="preset TOML files (default: presets/)"
     )
@@ -88,6 +96,7 @@ def settings_from_args(argv: list[str] | None = None, env: dict[str, str] | None
         share=args.share,
         auth=auth,
         runs_dir=args.runs_dir,
+        configs_dir=args.configs_dir,
         presets_dir=args.presets_dir,
         allow_parallel_runs=args.allow_parallel_runs,
         open_browser=args.inbrowser,
@@ -103,6 +112,7 @@ def launch(settings: LaunchSettings, block: bool = True):
         runs_dir=settings.runs_dir,
         presets_dir=settings.presets_dir or PRESETS_DIR,
         allow_parallel_runs=settings.allow_parallel_runs,
+        configs_dir=settings.configs_dir,
     )
     demo.queue().launch(
         server_name=settings.host,

@@ -20,9 +20,10 @@ from app import events_view as view
 from app import runner
 from app.dataset_view import dataset_overview
 from app.export_view import FORMATS, checkpoint_choices, export_lora, exported_markdown, metadata_by_file
-from app.path_checks import expand, file_problem, writable_file_problem
+from app.path_checks import confined_file, file_problem, writable_file_problem
 from app.preflight import preflight
 from app.run_view import change_signature, default_run, resolve_run, runs_table, snapshot
+from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
 from trainers.config import dump_config
 
@@ -68,6 +69,7 @@ class UiContext:
     runs_dir: Path
     presets_dir: Path
     allow_parallel_runs: bool
+    configs_dir: Path  # the only folder "Save to file" writes to and, with presets_dir, "Load file" reads
     specs: list[form.FieldSpec] = field(default_factory=form.form_fields)
 
 
@@ -77,12 +79,22 @@ def build_ui(
     presets_dir: Path | str = PRESETS_DIR,
     allow_parallel_runs: bool = False,
     refresh_seconds: float = REFRESH_SECONDS,
+    configs_dir: Path | str | None = None,
 ) -> gr.Blocks:
-    """The whole UI as a gr.Blocks (launch it with THEME and CSS)."""
+    """The whole UI as a gr.Blocks (launch it with THEME and CSS).
+
+    Config files are saved to and loaded from `configs_dir` (default: `configs/` beside the runs folder).
+    """
     runs_path = Path(runs_dir).expanduser().resolve()
     runs_path.mkdir(parents=True, exist_ok=True)
+    configs_path = default_configs_dir(runs_path) if configs_dir is None else Path(configs_dir)
+    configs_path = configs_path.expanduser().resolve()
+    configs_path.mkdir(parents=True, exist_ok=True)
     ctx = UiContext(
-        runs_dir=runs_path, presets_dir=Path(presets_dir), allow_parallel_runs=allow_parallel_runs
+        runs_dir=runs_path,
+        presets_dir=Path(presets_dir).resolve(),
+        allow_parallel_runs=allow_parallel_runs,
+        configs_dir=configs_path,
     )
     with gr.Blocks(title="ppsf-trainer") as demo:
         gr.Markdown(f"# ppsf-trainer\nLoRA training with Prodigy + ScheduleFree. Runs live in `{runs_path}`.")
@@ -107,6 +119,11 @@ def build_ui(
             api_visibility="undocumented",
         )
     return demo
+
+
+def default_configs_dir(runs_dir: Path) -> Path:
+    """configs/ beside the runs folder."""
+    return Path(runs_dir).expanduser().resolve().parent / "configs"
 
 
 # ---------------------------------------------------------------- Setup tab
@@ -135,7 +152,11 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
         load_preset = gr.Button("Load preset", elem_id="load-preset", scale=1)
     with gr.Row():
         toml_path = gr.Textbox(
-            label="Config file (TOML)", placeholder="e.g. presets/my-run.toml", elem_id="toml-path", scale=3
+            label="Config file (TOML)",
+            placeholder="e.g. my-run.toml",
+            info=f"A file in {ctx.configs_dir} (loading also reads presets in {ctx.presets_dir}).",
+            elem_id="toml-path",
+            scale=3,
         )
         load_file = gr.Button("Load file", elem_id="load-file", scale=1)
         save_file = gr.Button("Save to file", elem_id="save-file", scale=1)
@@ -172,10 +193,17 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
     load_preset.click(
         lambda name: _load_preset(ctx, name), preset, [*fields, message, *marks], api_name="load_preset"
     )
-    load_file.click(lambda path: _load_file(ctx, path), toml_path, [*fields, message, *marks])
-    upload.upload(lambda path: _load_file(ctx, path), upload, [*fields, message, *marks])
+    load_file.click(
+        lambda path: _load_file(ctx, path), toml_path, [*fields, message, *marks], api_name="load_file"
+    )
+    upload.upload(
+        lambda path: _load_upload(ctx, path), upload, [*fields, message, *marks], api_name="upload_config"
+    )
     save_file.click(
-        lambda path, *values: _save_file(ctx, path, values), [toml_path, *fields], [message, download, *marks]
+        lambda path, *values: _save_file(ctx, path, values),
+        [toml_path, *fields],
+        [message, download, *marks],
+        api_name="save_file",
     )
     check.click(lambda *values: _check(ctx, values), fields, [summary, *marks], api_name="check")
     return tab
@@ -250,30 +278,54 @@ def _load_preset(ctx: UiContext, name: str | None) -> list[Any]:
     return _load_data(ctx, data, f"preset **{name}**")
 
 
-def _load_file(ctx: UiContext, path: str | None) -> list[Any]:
-    problem = file_problem(path or "", "config file", suffixes=(".toml",))
+def _load_file(ctx: UiContext, typed: str | None) -> list[Any]:
+    """Load a config typed as a name in the configs folder, or a path inside it or the presets folder."""
+    folders = [ctx.configs_dir, ctx.presets_dir]
+    path, problem = confined_file(typed or "", ctx.configs_dir, folders, "config file", (".toml",))
+    if path is None:
+        return _unchanged_fields(ctx, "Nothing loaded.", [problem])
+    problem = file_problem(path, "config file", suffixes=(".toml",))
     if problem:
         return _unchanged_fields(ctx, "Nothing loaded.", [problem])
-    data, problems = form.read_toml(expand(path))
+    data, problems = form.read_config_file(path)
     if problems:
         return _unchanged_fields(ctx, "Nothing loaded.", problems)
-    return _load_data(ctx, data, f"`{expand(path)}`")
+    return _load_data(ctx, data, f"`{path}`")
 
 
-def _save_file(ctx: UiContext, path: str, values: tuple) -> list[Any]:
+def _load_upload(ctx: UiContext, path: str | None) -> list[Any]:
+    """Load an uploaded config (Gradio keeps uploads in its own cache folder)."""
+    if not path:
+        return _unchanged_fields(ctx, "Nothing loaded.", [])
+    data, problems = form.read_config_file(Path(path))
+    if problems:
+        return _unchanged_fields(
+            ctx, "Nothing loaded.", [p.replace(str(path), "the upload") for p in problems]
+        )
+    return _load_data(ctx, data, "the uploaded file")
+
+
+def _save_file(ctx: UiContext, typed: str, values: tuple) -> list[Any]:
     config, problems = form.validate_values(list(values), ctx.specs)
     if config is None:
         return ["Not saved: the config has problems.", None, *_marks(ctx, problems)]
     text = dump_config(config)
     download = Path(tempfile.mkdtemp(prefix="ppsf-config-")) / f"{config.name}.toml"
     download.write_text(text, encoding="utf-8")
-    if not (path or "").strip():
-        return ["Saved for download (type a path to save it there too).", str(download), *_marks(ctx, [])]
+    if not (typed or "").strip():
+        return [
+            f"Saved for download (type a file name to save it in `{ctx.configs_dir}` too).",
+            str(download),
+            *_marks(ctx, []),
+        ]
+    path, problem = confined_file(typed, ctx.configs_dir, [ctx.configs_dir], "config file", (".toml",))
+    if path is None:
+        return ["Not saved.", str(download), *_marks(ctx, [problem])]
     problem = writable_file_problem(path, "config file", suffixes=(".toml",))
     if problem:
         return ["Not saved.", str(download), *_marks(ctx, [problem])]
-    expand(path).write_text(text, encoding="utf-8")
-    return [f"Saved to `{expand(path).resolve()}`.", str(download), *_marks(ctx, [])]
+    atomic_write_text(path, text)  # a rename: replaces a symlink put there meanwhile, never follows it
+    return [f"Saved to `{path}`.", str(download), *_marks(ctx, [])]
 
 
 def _check(ctx: UiContext, values: tuple) -> list[Any]:
