@@ -7,12 +7,15 @@ Commands are argument lists, never shell strings, so typed paths are never inter
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from trainers.atomic import atomic_write_text
@@ -22,6 +25,7 @@ from trainers.events import EVENTS_FILE
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
+LOCK_FILE = ".ui.lock"  # in the runs folder: held while a Start or Resume checks and spawns
 REQUEST_FILE = "ui-config.toml"  # the config as submitted; the trainer writes the resolved config.toml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,34 +43,67 @@ def trainer_command(action: str, target: Path) -> list[str]:
     return [sys.executable, "-m", "trainers", action, str(target)]
 
 
-def start_run(config: TrainConfig) -> Path:
+@contextlib.contextmanager
+def runs_lock(runs_dir: Path) -> Iterator[None]:
+    """Hold the runs folder's exclusive lock (runs/.ui.lock): one check-and-spawn at a time.
+
+    An flock on a file, so it holds between threads of this UI, between UIs on the same folder and across
+    a UI restart; the system releases it when the holder exits, so a killed UI leaves no stale lock.
+    """
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(runs_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def start_run(config: TrainConfig, allow_parallel: bool = False) -> Path:
     """Write the config into its run folder and start `python -m trainers train` on it; returns the folder.
 
-    Raises RunnerError if the folder already holds a run (resume it instead) or a trainer is running there.
+    Raises RunnerError if another run in the runs folder is training (unless `allow_parallel`), the folder
+    already holds a run (resume it instead) or a trainer is running there. The check and the spawn happen
+    under runs_lock, so two requests at once cannot both pass the check.
     """
     run_dir = Path(config.run_dir).resolve()
-    if trainer_pid(run_dir) is not None:
-        raise RunnerError(f"a trainer is already running in {run_dir}")
-    if holds_run(run_dir):
-        raise RunnerError(
-            f"run folder {run_dir} already holds a run: resume it on the Run tab, or choose another name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    request = run_dir / REQUEST_FILE
-    atomic_write_text(request, dump_config(config))
-    _spawn(trainer_command("train", request), run_dir)
+    with runs_lock(run_dir.parent):
+        _refuse_if_busy(run_dir, allow_parallel)
+        if trainer_pid(run_dir) is not None:
+            raise RunnerError(f"a trainer is already running in {run_dir}")
+        if holds_run(run_dir):
+            raise RunnerError(
+                f"run folder {run_dir} already holds a run: resume it on the Run tab, or choose another name"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        request = run_dir / REQUEST_FILE
+        atomic_write_text(request, dump_config(config))
+        _spawn(trainer_command("train", request), run_dir)
     return run_dir
 
 
-def resume_run(run_dir: Path) -> Path:
-    """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot."""
+def resume_run(run_dir: Path, allow_parallel: bool = False) -> Path:
+    """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot.
+
+    Checked and spawned under runs_lock, as start_run.
+    """
     run_dir = Path(run_dir).resolve()
-    if trainer_pid(run_dir) is not None:
-        raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
-    if not (run_dir / "config.toml").is_file():
-        raise RunnerError(f"{run_dir} has no config.toml (the trainer never started there); start a new run")
-    _spawn(trainer_command("resume", run_dir), run_dir)
+    with runs_lock(run_dir.parent):
+        _refuse_if_busy(run_dir, allow_parallel)
+        if trainer_pid(run_dir) is not None:
+            raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
+        if not (run_dir / "config.toml").is_file():
+            raise RunnerError(
+                f"{run_dir} has no config.toml (the trainer never started there); start a new run"
+            )
+        _spawn(trainer_command("resume", run_dir), run_dir)
     return run_dir
+
+
+def _refuse_if_busy(run_dir: Path, allow_parallel: bool) -> None:
+    refusal = one_at_a_time_refusal(run_dir.parent, allow_parallel, run_dir)
+    if refusal:
+        raise RunnerError(f"{refusal}.")
 
 
 def stop_run(run_dir: Path, sig: int = signal.SIGINT) -> bool:

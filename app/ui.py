@@ -527,11 +527,8 @@ def _start(ctx: UiContext, current: str, values: tuple) -> list[Any]:
     if problems:
         text = "**Not started.** Fix these on the Setup tab first:\n" + "\n".join(f"- {p}" for p in problems)
         return [text, gr.skip(), *_marks(ctx, problems)]
-    refusal = runner.one_at_a_time_refusal(ctx.runs_dir, ctx.allow_parallel_runs)
-    if refusal:
-        return [f"**Not started:** {refusal}.", gr.skip(), *_marks(ctx, [])]
     try:
-        run_dir = runner.start_run(config)
+        run_dir = runner.start_run(config, ctx.allow_parallel_runs)
     except runner.RunnerError as error:
         return [f"**Not started:** {error}", gr.skip(), *_marks(ctx, [])]
     return [f"Started **{run_dir.name}**; the plots fill in as it trains.", str(run_dir), *_marks(ctx, [])]
@@ -548,11 +545,8 @@ def _resume(ctx: UiContext, current: str) -> str:
     run_dir = _current(ctx, current)
     if run_dir is None:
         return "No run to resume."
-    refusal = runner.one_at_a_time_refusal(ctx.runs_dir, ctx.allow_parallel_runs, run_dir)
-    if refusal:
-        return f"**Not resumed:** {refusal}."
     try:
-        runner.resume_run(run_dir)
+        runner.resume_run(run_dir, ctx.allow_parallel_runs)
     except runner.RunnerError as error:
         return f"**Not resumed:** {error}"
     checkpoints = list_checkpoints(run_dir)

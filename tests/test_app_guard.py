@@ -6,8 +6,14 @@ two trainers at once; Stop is sent once per run; handlers called without a valid
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,3 +149,131 @@ def test_load_reads_nothing_outside_and_echoes_no_content(client, served):
     exists = _text(client.predict(str(secret), api_name="/load_file"))
     missing = _text(client.predict(str(secret_dir / "none.toml"), api_name="/load_file"))
     assert exists.replace("secret.toml", "X") == missing.replace("none.toml", "X")
+
+
+# ---------------------------------------------------------------- one run at a time, under concurrency
+RACE_TRIALS = 12
+HARMLESS = "import sys, time; time.sleep(60)"  # argv still holds "trainers", so it counts as one
+
+
+def _harmless_command(action: str, target: Path) -> list[str]:
+    return [sys.executable, "-c", HARMLESS, "trainers", action, str(target)]
+
+
+def _tiny_config(runs_dir: Path, name: str):
+    from trainers.config import validate_config
+
+    return validate_config(
+        {
+            "name": name,
+            "output_dir": str(runs_dir),
+            "model": {"path": "demo://tiny-sdxl"},
+            "dataset": {"path": "demo://shapes"},
+            "training": {"max_steps": 1},
+        }
+    )
+
+
+def _resumable_run(runs_dir: Path, name: str) -> Path:
+    from trainers.config import dump_config
+
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(dump_config(_tiny_config(runs_dir, name)))
+    return run_dir
+
+
+def _stop_all(runs_dir: Path) -> None:
+    from app import runner
+
+    for run_dir in runner.running_runs(runs_dir):
+        pid = runner.trainer_pid(run_dir)
+        os.kill(pid, signal.SIGKILL)
+        runner.wait_for_exit(run_dir, 30)
+
+
+def test_start_racing_resume_never_starts_two_trainers(tmp_path, monkeypatch):
+    from app import runner
+
+    monkeypatch.setattr(runner, "trainer_command", _harmless_command)
+    for trial in range(RACE_TRIALS):
+        runs_dir = tmp_path / f"trial-{trial}"
+        resumables = [_resumable_run(runs_dir, f"old-{i}") for i in range(2)]
+        barrier = threading.Barrier(4)
+        outcomes: list[str] = []
+
+        def attempt(call, *args, barrier=barrier, outcomes=outcomes):
+            barrier.wait(timeout=30)
+            try:
+                call(*args)
+                outcomes.append("started")
+            except runner.RunnerError as error:
+                outcomes.append(str(error))
+
+        threads = [
+            threading.Thread(target=attempt, args=(runner.start_run, _tiny_config(runs_dir, f"new-{i}")))
+            for i in range(2)
+        ] + [threading.Thread(target=attempt, args=(runner.resume_run, r)) for r in resumables]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert outcomes.count("started") == 1, (trial, outcomes)
+            assert all("one at a time" in o for o in outcomes if o != "started"), outcomes
+            assert len(runner.running_runs(runs_dir)) == 1
+        finally:
+            _stop_all(runs_dir)
+
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+open(sys.argv[2], "w").close()
+"""
+
+
+def test_the_lock_holds_against_another_ui_process(tmp_path, monkeypatch):
+    """Another process (a second or restarted UI) holding runs/.ui.lock makes a Start wait for it."""
+    from app import runner
+
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    released = tmp_path / "released"
+    seen_release: list[bool] = []
+
+    def command(action: str, target: Path) -> list[str]:
+        seen_release.append(released.exists())
+        return _harmless_command(action, target)
+
+    monkeypatch.setattr(runner, "trainer_command", command)
+    waiting = threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        waiting.set()  # the starter is about to wait for the lock
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(runs_dir / runner.LOCK_FILE), str(released)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        starter = threading.Thread(target=runner.start_run, args=(_tiny_config(runs_dir, "x"),))
+        starter.start()
+        assert waiting.wait(timeout=30), "start_run never asked for the lock"
+        holder.stdin.close()  # the holder marks its release, then exits (and the system frees the lock)
+        holder.wait(timeout=30)
+        starter.join(timeout=60)
+        assert seen_release == [True]  # the spawn came only after the other process let go
+    finally:
+        holder.kill()
+        holder.wait()
+        _stop_all(runs_dir)
