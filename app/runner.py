@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
@@ -25,6 +26,7 @@ from trainers.events import EVENTS_FILE
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
+STOP_FILE = "ui-stop.json"  # which trainer pid the UI already sent its one stop signal to
 LOCK_FILE = ".ui.lock"  # in the runs folder: held while a Start or Resume checks and spawns
 REQUEST_FILE = "ui-config.toml"  # the config as submitted; the trainer writes the resolved config.toml
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,8 +108,49 @@ def _refuse_if_busy(run_dir: Path, allow_parallel: bool) -> None:
         raise RunnerError(f"{refusal}.")
 
 
+StopAnswer = Literal["sent", "already stopping", "not running"]
+
+
+def request_stop(run_dir: Path) -> StopAnswer:
+    """Ask the run's trainer to stop, once: a trainer aborts at once on a second SIGINT, losing the steps
+    since its last checkpoint, so a repeated Stop (another page, a double click) sends nothing.
+
+    The pid the signal went to is written to the run folder (so a restarted UI knows too), under the runs
+    lock (so two presses at once cannot both send).
+    """
+    run_dir = Path(run_dir).resolve()
+    with runs_lock(run_dir.parent):
+        pid = trainer_pid(run_dir)
+        if pid is None:
+            return "not running"
+        if stop_sent_to(run_dir) == pid:
+            return "already stopping"
+        atomic_write_text(run_dir / STOP_FILE, json.dumps({"pid": pid, "time": time.time()}))
+        return "sent" if stop_run(run_dir) else "not running"
+
+
+def abort_run(run_dir: Path) -> bool:
+    """Make the run's trainer quit now, without a checkpoint (what a second Ctrl-C does); False if none runs.
+
+    The trainer treats SIGTERM as Ctrl-C, so the stop request (if not sent yet) and a second one are sent.
+    """
+    run_dir = Path(run_dir).resolve()
+    if request_stop(run_dir) == "not running":
+        return False
+    return stop_run(run_dir, signal.SIGTERM)  # another signal number: never merged with a pending SIGINT
+
+
+def stop_sent_to(run_dir: Path) -> int | None:
+    """The trainer pid the UI already sent its stop signal to, or None."""
+    try:
+        return int(json.loads((Path(run_dir) / STOP_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def stop_run(run_dir: Path, sig: int = signal.SIGINT) -> bool:
-    """Ask the run's trainer to stop (it finishes the step, checkpoints, logs "stopped"); False if none runs."""
+    """Send `sig` to the run's trainer (SIGINT: it finishes the step, checkpoints, logs "stopped"; a second
+    one aborts it); False if none runs. The UI goes through request_stop, which sends it once."""
     pid = trainer_pid(run_dir)
     if pid is None:
         return False
@@ -137,6 +180,7 @@ def _spawn(command: list[str], run_dir: Path) -> int:
             start_new_session=True,
         )
     _children[child.pid] = child
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)  # a new trainer: its stop is not sent yet
     record = {"pid": child.pid, "command": command, "started": time.time()}
     atomic_write_text(Path(run_dir) / PID_FILE, json.dumps(record))
     return child.pid

@@ -26,6 +26,7 @@ from app.run_view import change_signature, default_run, resolve_run, runs_table,
 from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
 from trainers.config import dump_config
+from trainers.events import read_events
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PRESET = "demo"
@@ -446,6 +447,13 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
         start = gr.Button("Start", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
         resume = gr.Button("Resume", elem_id="resume")
+        kill = gr.Button("Kill now…", size="sm", elem_id="kill")
+    with gr.Row(visible=False, elem_id="kill-confirm-row") as kill_row:
+        gr.Markdown(
+            "**Abort the trainer now?** It saves nothing: the steps since its last checkpoint are lost."
+        )
+        kill_yes = gr.Button("Yes, kill it", variant="stop", elem_id="kill-confirm")
+        kill_no = gr.Button("No, keep it", elem_id="kill-cancel")
     message = gr.Markdown(elem_id="run-message")
     title = gr.Markdown(elem_id="run-title")
     progress = gr.HTML(view.progress_html(view.Progress(0, None, None, None)), elem_id="run-progress")
@@ -472,6 +480,14 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
         api_name="start",
     )
     stop.click(lambda current: _stop(ctx, current), current_run, message, api_name="stop")
+    kill.click(lambda: gr.Row(visible=True), None, kill_row, api_visibility="undocumented")
+    kill_no.click(lambda: gr.Row(visible=False), None, kill_row, api_visibility="undocumented")
+    kill_yes.click(
+        lambda current: [_kill(ctx, current), gr.Row(visible=False)],
+        current_run,
+        [message, kill_row],
+        api_name="kill",
+    )
     resume.click(lambda current: _resume(ctx, current), current_run, message, api_name="resume")
 
     def refresh(current: str, sig: str, keys: list[str]) -> Iterator[list[Any]]:
@@ -535,10 +551,39 @@ def _start(ctx: UiContext, current: str, values: tuple) -> list[Any]:
 
 
 def _stop(ctx: UiContext, current: str) -> str:
+    """Send the run's trainer its stop signal, once (a second one would abort it and lose steps)."""
     run_dir = _current(ctx, current)
-    if run_dir is None or not runner.stop_run(run_dir):
+    answer = runner.request_stop(run_dir) if run_dir is not None else "not running"
+    if answer == "not running":
         return "Nothing to stop: no trainer is running for this run."
+    if answer == "already stopping":
+        return (
+            f"**{run_dir.name}** is already stopping (Stop was sent; pressing it again changes nothing). "
+            "It exits after the current step; to abort without saving, use Kill now."
+        )
+    if not _has_stepped(read_events(run_dir)):
+        return (
+            f"Stopping **{run_dir.name}** while it starts: if it stops before its first step there is "
+            "nothing to save; the title says what happened."
+        )
     return f"Stopping **{run_dir.name}**: it finishes the current step, saves a checkpoint and exits."
+
+
+def _has_stepped(events: list[dict]) -> bool:
+    """Whether the trainer's current session has logged a step (so a stop will save a checkpoint)."""
+    for event in reversed(events):
+        if event.get("type") == "step":
+            return True
+        if event.get("type") in ("start", "resumed"):
+            return False
+    return False
+
+
+def _kill(ctx: UiContext, current: str) -> str:
+    run_dir = _current(ctx, current)
+    if run_dir is None or not runner.abort_run(run_dir):
+        return "Nothing to kill: no trainer is running for this run."
+    return f"Killed **{run_dir.name}** without saving; Resume continues from its last checkpoint."
 
 
 def _resume(ctx: UiContext, current: str) -> str:

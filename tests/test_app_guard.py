@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,164 @@ def test_the_lock_holds_against_another_ui_process(tmp_path, monkeypatch):
         holder.kill()
         holder.wait()
         _stop_all(runs_dir)
+
+
+# ---------------------------------------------------------------- Stop is sent once; the title follows the events
+# A stand-in trainer that ignores Ctrl-C, and says so by a file in its run folder once it does.
+IGNORES_SIGINT = (
+    "import pathlib, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "pathlib.Path(sys.argv[-1], 'ignoring').touch(); time.sleep(60)"
+)
+
+
+def _resume_ignoring_trainer(run_dir: Path) -> int:
+    from app import runner
+
+    (run_dir / "ignoring").unlink(missing_ok=True)
+    runner.resume_run(run_dir)
+    deadline = time.monotonic() + 30
+    while not (run_dir / "ignoring").exists():
+        assert time.monotonic() < deadline, "the stand-in trainer did not start"
+        time.sleep(0.05)
+    return runner.trainer_pid(run_dir)
+
+
+@pytest.fixture
+def sent_signals(monkeypatch):
+    """The (pid, signal) pairs the runner sends (existence probes with signal 0 left out)."""
+    sent: list[tuple[int, int]] = []
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if sig != 0:
+            sent.append((pid, sig))
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    return sent
+
+
+def _ignoring_trainer(action: str, target: Path) -> list[str]:
+    return [sys.executable, "-c", IGNORES_SIGINT, "trainers", action, str(target)]
+
+
+def test_stop_pressed_many_times_sends_one_sigint(tmp_path, monkeypatch, sent_signals):
+    from app import runner
+    from app.ui import UiContext, _stop
+
+    monkeypatch.setattr(runner, "trainer_command", _ignoring_trainer)
+    runs_dir = tmp_path / "runs"
+    run_dir = _resumable_run(runs_dir, "busy")
+    ctx = UiContext(runs_dir=runs_dir, presets_dir=tmp_path, allow_parallel_runs=False, configs_dir=tmp_path)
+    try:
+        first_pid = _resume_ignoring_trainer(run_dir)
+        barrier = threading.Barrier(6)
+        answers: list[str] = []
+
+        def press() -> None:
+            barrier.wait(timeout=30)
+            answers.append(runner.request_stop(run_dir))
+
+        presses = [threading.Thread(target=press) for _ in range(6)]
+        for thread in presses:
+            thread.start()
+        for thread in presses:
+            thread.join(timeout=60)
+        assert sorted(answers) == ["already stopping"] * 5 + ["sent"]
+        assert sent_signals == [(first_pid, signal.SIGINT)]
+        # the page's answer to another press, and after a UI restart (only the run folder remembers)
+        assert "already stopping" in _stop(ctx, str(run_dir))
+        restarted_away = dict(runner._children)
+        runner._children.clear()
+        assert runner.request_stop(run_dir) == "already stopping"
+        assert sent_signals == [(first_pid, signal.SIGINT)]
+        # a new trainer in the folder gets its own, single stop
+        os.kill(first_pid, signal.SIGKILL)
+        restarted_away[first_pid].wait(timeout=30)
+        assert runner.wait_for_exit(run_dir, 30)
+        sent_signals.clear()
+        second_pid = _resume_ignoring_trainer(run_dir)
+        assert second_pid != first_pid
+        assert runner.request_stop(run_dir) == "sent"
+        assert runner.request_stop(run_dir) == "already stopping"
+        assert sent_signals == [(second_pid, signal.SIGINT)]
+    finally:
+        _stop_all(runs_dir)
+    assert runner.request_stop(run_dir) == "not running"
+    assert "Nothing to stop" in _stop(ctx, str(run_dir))
+
+
+def test_kill_now_sends_the_second_signal_that_aborts(tmp_path, monkeypatch, sent_signals):
+    from app import runner
+
+    monkeypatch.setattr(runner, "trainer_command", _ignoring_trainer)
+    runs_dir = tmp_path / "runs"
+    run_dir = _resumable_run(runs_dir, "busy")
+    try:
+        pid = _resume_ignoring_trainer(run_dir)
+        assert runner.request_stop(run_dir) == "sent"
+        assert runner.abort_run(run_dir)
+        assert sent_signals == [(pid, signal.SIGINT), (pid, signal.SIGTERM)]  # no SIGKILL
+        assert runner.wait_for_exit(run_dir, 30)  # SIGTERM's default action ends this stand-in
+    finally:
+        _stop_all(runs_dir)
+    assert not runner.abort_run(run_dir)
+
+
+def _events_until_stop(stop: dict, checkpoint_step: int | None, resumed_from: int | None = None) -> list:
+    events: list[dict] = [{"type": "start", "step": 0}]
+    events += [{"type": "step", "step": s} for s in (1, 2, 3)]
+    if resumed_from is not None:
+        events += [
+            {"type": "checkpoint", "step": resumed_from, "path": "/r/step-3"},
+            {"type": "start", "step": 0},
+            {"type": "resumed", "step": resumed_from},
+        ]
+    if checkpoint_step is not None:
+        events.append({"type": "checkpoint", "step": checkpoint_step, "path": "/r/x"})
+    return [*events, stop]
+
+
+@pytest.mark.parametrize(
+    ("events", "words"),
+    [
+        (
+            _events_until_stop(
+                {"type": "stopped", "step": 3, "message": "stopped on request; checkpoint saved"}, 3
+            ),
+            "stopped (checkpoint saved at step 3)",
+        ),
+        (
+            _events_until_stop(
+                {"type": "stopped", "step": 0, "message": "stopped before the first step; nothing to save"},
+                None,
+            ),
+            "stopped (no checkpoint saved: stopped before the first step; nothing to save)",
+        ),
+        (  # a checkpoint of an earlier session is not one saved at this stop
+            _events_until_stop(
+                {"type": "stopped", "step": 3, "message": "stopped before the first step; nothing to save"},
+                None,
+                resumed_from=3,
+            ),
+            "stopped (no checkpoint saved: stopped before the first step; nothing to save)",
+        ),
+        (
+            _events_until_stop(
+                {"type": "stopped", "message": "aborted by a second Ctrl-C", "last_checkpoint": None}, 2
+            ),
+            "stopped (no checkpoint saved: aborted by a second Ctrl-C)",
+        ),
+        (  # the stop's message alone is not believed
+            _events_until_stop(
+                {"type": "stopped", "step": 3, "message": "stopped on request; checkpoint saved"}, 2
+            ),
+            "stopped (no checkpoint saved: stopped on request; checkpoint saved)",
+        ),
+    ],
+)
+def test_the_title_names_a_checkpoint_only_when_an_event_says_so(tmp_path, events, words):
+    from app.run_view import RunSnapshot
+
+    snap = RunSnapshot(run_dir=tmp_path, state="stopped", alive=False, events=events, log="")
+    assert snap.title.startswith(f"**{tmp_path.name}** — {words}")
