@@ -103,8 +103,58 @@ def settings_from_args(argv: list[str] | None = None, env: dict[str, str] | None
     )
 
 
+# Gradio serves these without a login even under auth. Given a session's hash they cancel its running
+# events (/cancel), or end its events and discard its state (a heartbeat opened and closed); /reset is a
+# no-op today. The page sends its login cookie with all three, so requiring the login costs it nothing.
+SESSION_CONTROL_ROUTES = ("/gradio_api/cancel", "/gradio_api/reset")
+HEARTBEAT_ROUTE = "/gradio_api/heartbeat/"
+
+
+class LoginRequiredForSessionControls:
+    """ASGI middleware: under auth, the session-control routes answer 401 without a valid login cookie."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and _is_session_control(scope.get("path", "")):
+            gradio_app = scope.get("app")  # Starlette puts the application here before any middleware
+            if gradio_app is not None and not await _logged_in(gradio_app, scope):
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"error": "Not authenticated"}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _is_session_control(path: str) -> bool:
+    return path.rstrip("/").endswith(SESSION_CONTROL_ROUTES) or HEARTBEAT_ROUTE in path
+
+
+async def _logged_in(gradio_app, scope) -> bool:
+    """Whether the request carries a login Gradio accepts (always true when the UI has no auth)."""
+    import inspect
+
+    from starlette.requests import Request
+
+    if gradio_app.auth is None and gradio_app.auth_dependency is None:
+        return True
+    request = Request(scope)
+    if gradio_app.auth_dependency is not None:
+        user = gradio_app.auth_dependency(request)
+        return (await user if inspect.isawaitable(user) else user) is not None
+    cookie_id = gradio_app.cookie_id
+    token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+        f"access-token-unsecure-{cookie_id}"
+    )
+    return gradio_app.tokens.get(token) is not None
+
+
 def launch(settings: LaunchSettings, block: bool = True):
     """Build and serve the UI; with block=False return the running gr.Blocks at once (tests close it)."""
+    from starlette.middleware import Middleware
+
     from app.ui import CSS, PRESETS_DIR, THEME, build_ui
     from trainers.paths import demo_root
 
@@ -127,6 +177,7 @@ def launch(settings: LaunchSettings, block: bool = True):
         css=CSS,
         ssr_mode=False,
         show_error=True,
+        app_kwargs={"middleware": [Middleware(LoginRequiredForSessionControls)]},
     )
     return demo
 

@@ -439,3 +439,57 @@ def test_the_title_names_a_checkpoint_only_when_an_event_says_so(tmp_path, event
 
     snap = RunSnapshot(run_dir=tmp_path, state="stopped", alive=False, events=events, log="")
     assert snap.title.startswith(f"**{tmp_path.name}** — {words}")
+
+
+# ---------------------------------------------------------------- Gradio's session controls need the login
+USER, PASSWORD = "alice", "correct horse"
+
+
+@pytest.fixture(scope="module")
+def served_with_auth(tmp_path_factory):
+    from launch import LaunchSettings, launch
+
+    tmp = tmp_path_factory.mktemp("auth")
+    port = _free_port()
+    settings = LaunchSettings(
+        port=port, runs_dir=tmp / "runs", configs_dir=tmp / "configs", auth=(USER, PASSWORD)
+    )
+    demo = launch(settings, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}", demo
+    finally:
+        demo.close()
+
+
+def _session_control_answers(http, url: str) -> list[int]:
+    """Status codes of /cancel, /reset and a heartbeat for some session."""
+    cancel = {"session_hash": "victim-session", "fn_index": 0, "event_id": "0" * 32}
+    codes = [
+        http.post(f"{url}/gradio_api/cancel", json=cancel).status_code,
+        http.post(f"{url}/gradio_api/reset", json={"event_id": "0" * 32}).status_code,
+    ]
+    with http.stream("GET", f"{url}/gradio_api/heartbeat/victim-session") as response:
+        codes.append(response.status_code)
+    return codes
+
+
+def test_session_controls_need_the_login_under_auth(served_with_auth):
+    import httpx
+
+    url, _ = served_with_auth
+    with httpx.Client(timeout=30) as anonymous:
+        assert _session_control_answers(anonymous, url) == [401, 401, 401]
+        assert anonymous.get(f"{url}/gradio_api/info").status_code == 401  # as Gradio's own API routes
+        wrong = anonymous.post(f"{url}/login", data={"username": USER, "password": "wrong"})
+        assert wrong.status_code == 400
+        assert _session_control_answers(anonymous, url) == [401, 401, 401]
+    with httpx.Client(timeout=30) as user:
+        assert user.post(f"{url}/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+        assert _session_control_answers(user, url) == [200, 200, 200]
+
+
+def test_session_controls_stay_open_without_auth(served):
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        assert _session_control_answers(http, served[0].rstrip("/")) == [200, 200, 200]
