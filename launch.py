@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
@@ -110,22 +111,47 @@ SESSION_CONTROL_ROUTES = ("/gradio_api/cancel", "/gradio_api/reset")
 HEARTBEAT_ROUTE = "/gradio_api/heartbeat/"
 
 
-class LoginRequiredForSessionControls:
-    """ASGI middleware: under auth, the session-control routes answer 401 without a valid login cookie."""
+class SessionGuard:
+    """ASGI middleware for logins: the session-control routes answer 401 without a valid login cookie, and
+    /logout ends only the login of the browser that asks (Gradio's default ends every login of that user,
+    so a second browser's page would be left broken)."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and _is_session_control(scope.get("path", "")):
-            gradio_app = scope.get("app")  # Starlette puts the application here before any middleware
-            if gradio_app is not None and not await _logged_in(gradio_app, scope):
-                from starlette.responses import JSONResponse
+        gradio_app = scope.get("app")  # Starlette puts the application here before any middleware
+        if scope["type"] != "http" or gradio_app is None:
+            await self.app(scope, receive, send)
+            return
+        if scope.get("path", "").rstrip("/").endswith("/logout"):
+            scope = _logout_this_browser_only(gradio_app, scope)
+        if _is_session_control(scope.get("path", "")) and not await _logged_in(gradio_app, scope):
+            from starlette.responses import JSONResponse
 
-                response = JSONResponse({"error": "Not authenticated"}, status_code=401)
-                await response(scope, receive, send)
-                return
+            response = JSONResponse({"error": "Not authenticated"}, status_code=401)
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def _login_token(gradio_app, scope) -> str | None:
+    from starlette.requests import Request
+
+    cookies = Request(scope).cookies
+    cookie_id = gradio_app.cookie_id
+    return cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+
+
+def _logout_this_browser_only(gradio_app, scope) -> dict:
+    """The /logout request with all_session=false, this browser's token already ended.
+
+    Gradio then ends only the token of its secure cookie, which a browser on plain http (--listen) never
+    stores, so the token of either cookie is ended here.
+    """
+    gradio_app.tokens.pop(_login_token(gradio_app, scope), None)
+    query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "all_session"]
+    return {**scope, "query_string": urlencode([*query, ("all_session", "false")]).encode()}
 
 
 def _is_session_control(path: str) -> bool:
@@ -140,15 +166,33 @@ async def _logged_in(gradio_app, scope) -> bool:
 
     if gradio_app.auth is None and gradio_app.auth_dependency is None:
         return True
-    request = Request(scope)
     if gradio_app.auth_dependency is not None:
-        user = gradio_app.auth_dependency(request)
+        user = gradio_app.auth_dependency(Request(scope))
         return (await user if inspect.isawaitable(user) else user) is not None
-    cookie_id = gradio_app.cookie_id
-    token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-        f"access-token-unsecure-{cookie_id}"
-    )
-    return gradio_app.tokens.get(token) is not None
+    return gradio_app.tokens.get(_login_token(gradio_app, scope)) is not None
+
+
+# Under a login, a page whose login ended (logged out in another tab of the browser, or the UI restarted)
+# says so and reloads to the login form, instead of answering "Error" to every button.
+LOGIN_WATCH_SECONDS = 5
+LOGIN_WATCH_JS = f"""() => {{
+  const check = async () => {{
+    let answer;
+    try {{ answer = await fetch("gradio_api/login_check", {{cache: "no-store"}}); }}
+    catch (e) {{ return; }}  // the UI is not reachable (restarting): Gradio says so itself
+    if (answer.status !== 401 || document.getElementById("ppsf-logged-out")) return;
+    const note = document.createElement("div");
+    note.id = "ppsf-logged-out";
+    note.setAttribute("role", "alert");
+    note.textContent = "You were logged out (here or in another tab, or the UI restarted). " +
+      "Reloading to the login page…";
+    note.style.cssText = "position:fixed;top:0;left:0;right:0;z-index:10000;padding:1em;" +
+      "background:#b91c1c;color:white;font-weight:bold;text-align:center";
+    document.body.appendChild(note);
+    setTimeout(() => window.location.reload(), 3000);
+  }};
+  setInterval(check, {LOGIN_WATCH_SECONDS * 1000});
+}}"""
 
 
 def launch(settings: LaunchSettings, block: bool = True):
@@ -177,7 +221,8 @@ def launch(settings: LaunchSettings, block: bool = True):
         css=CSS,
         ssr_mode=False,
         show_error=True,
-        app_kwargs={"middleware": [Middleware(LoginRequiredForSessionControls)]},
+        app_kwargs={"middleware": [Middleware(SessionGuard)]},
+        js=LOGIN_WATCH_JS if settings.auth else None,
     )
     return demo
 

@@ -6,6 +6,7 @@ two trainers at once; Stop is sent once per run; handlers called without a valid
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -493,3 +494,50 @@ def test_session_controls_stay_open_without_auth(served):
 
     with httpx.Client(timeout=30) as http:
         assert _session_control_answers(http, served[0].rstrip("/")) == [200, 200, 200]
+
+
+# ---------------------------------------------------------------- logging out under --auth
+@contextlib.contextmanager
+def _logged_in_client(url: str):
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        assert http.post(f"{url}/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+        yield http
+
+
+def test_logout_ends_only_the_login_of_the_browser_that_asks(served_with_auth):
+    import httpx
+
+    url, _ = served_with_auth
+    with _logged_in_client(url) as first, _logged_in_client(url) as second:
+        kept_cookies = dict(first.cookies)  # on plain http only the "unsecure" cookie is ever sent
+        assert first.get(f"{url}/logout", follow_redirects=False).status_code == 302
+        assert first.get(f"{url}/gradio_api/login_check").status_code == 401
+        with httpx.Client(timeout=30, cookies=kept_cookies) as replay:  # the old cookie is dead too
+            assert replay.get(f"{url}/gradio_api/login_check").status_code == 401
+        assert second.get(f"{url}/gradio_api/login_check").status_code == 200
+        assert second.get(f"{url}/gradio_api/info").status_code == 200
+        # asking for every session to end changes nothing
+        assert second.get(f"{url}/logout?all_session=true", follow_redirects=False).status_code == 302
+    with _logged_in_client(url) as third, _logged_in_client(url) as fourth:
+        third.get(f"{url}/logout?all_session=true", follow_redirects=False)
+        assert fourth.get(f"{url}/gradio_api/login_check").status_code == 200
+
+
+def test_a_page_whose_login_ended_is_told_to_log_in_again(served_with_auth):
+    """Without a login nothing reaches a handler (Gradio answers 401), so the page itself watches its
+    login and says so; here: the page gets the watcher, and the route it asks answers as it expects."""
+    import httpx
+
+    from launch import LOGIN_WATCH_JS
+
+    url, _ = served_with_auth
+    with _logged_in_client(url) as user:
+        config = user.get(f"{url}/config").json()
+        assert "ppsf-logged-out" in str(config.get("js")) and "gradio_api/login_check" in LOGIN_WATCH_JS
+        assert user.get(f"{url}/gradio_api/login_check").status_code == 200
+    with httpx.Client(timeout=30) as anonymous:
+        assert anonymous.get(f"{url}/gradio_api/login_check").status_code == 401
+        join = {"data": [], "fn_index": 0, "session_hash": "s", "event_id": None, "trigger_id": None}
+        assert anonymous.post(f"{url}/gradio_api/queue/join", json=join).status_code == 401
