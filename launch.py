@@ -222,7 +222,7 @@ def launch(settings: LaunchSettings, block: bool = True):
         ssr_mode=False,
         show_error=True,
         app_kwargs={"middleware": [Middleware(SessionGuard)]},
-        js=LOGIN_WATCH_JS if settings.auth else None,
+        head=f"<script>({LOGIN_WATCH_JS})();</script>" if settings.auth else None,
     )
     return demo
 

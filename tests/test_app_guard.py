@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
 SECRET = "s3cr3t-token-value"
 SECRET_TOML = f'[tool.secret]\napi_token = "{SECRET}"\n'
 
@@ -535,9 +536,40 @@ def test_a_page_whose_login_ended_is_told_to_log_in_again(served_with_auth):
     url, _ = served_with_auth
     with _logged_in_client(url) as user:
         config = user.get(f"{url}/config").json()
-        assert "ppsf-logged-out" in str(config.get("js")) and "gradio_api/login_check" in LOGIN_WATCH_JS
+        assert "ppsf-logged-out" in str(config.get("head")) and "gradio_api/login_check" in LOGIN_WATCH_JS
         assert user.get(f"{url}/gradio_api/login_check").status_code == 200
     with httpx.Client(timeout=30) as anonymous:
         assert anonymous.get(f"{url}/gradio_api/login_check").status_code == 401
         join = {"data": [], "fn_index": 0, "session_hash": "s", "event_id": None, "trigger_id": None}
         assert anonymous.post(f"{url}/gradio_api/queue/join", json=join).status_code == 401
+
+
+def test_browser_tab_logged_out_elsewhere_says_so_and_shows_the_login(served_with_auth):
+    """Two tabs of one browser share a login: logging out in one ends it for both; the other tab says so
+    and reloads to the login form (in the browser, when chromium and playwright are there)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    url = served_with_auth[0] + "/"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            context = browser.new_context()
+            first = context.new_page()
+            first.goto(url, wait_until="load")
+            first.locator("input[type=text]").fill(USER)
+            first.locator("input[type=password]").fill(PASSWORD)
+            first.get_by_role("button", name="Login").click()
+            first.wait_for_selector("#field-training-max_steps", timeout=60_000)
+            second = context.new_page()
+            second.goto(url, wait_until="load")
+            second.wait_for_selector("#field-training-max_steps", timeout=60_000)
+            first.goto(url + "logout", wait_until="load")
+            note = second.locator("#ppsf-logged-out")
+            playwright_api.expect(note).to_contain_text("logged out", timeout=30_000)
+            playwright_api.expect(second.get_by_role("button", name="Login")).to_be_visible(timeout=30_000)
+            assert second.locator("#field-training-max_steps").count() == 0
+        finally:
+            browser.close()
