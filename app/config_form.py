@@ -377,3 +377,31 @@ def unknown_key_count(data: dict[str, Any], model: type[BaseModel] = TrainConfig
         elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             count += unknown_key_count(value, field.annotation) if isinstance(value, dict) else 1
     return count
+
+
+# ---------------------------------------------------------------- the form kept in the browser
+def form_snapshot(values: list[Any] | tuple, specs: list[FieldSpec]) -> dict[str, Any]:
+    """The form as {dotted key: widget value}, as the browser keeps it (output_dir is the UI's, not kept)."""
+    return {spec.key: value for spec, value in zip(specs, values) if spec.key != "output_dir"}
+
+
+def restorable_values(saved: Any, specs: list[FieldSpec]) -> dict[str, Any]:
+    """The entries of a kept form that still fit today's fields: known keys, values of the widget's type
+    (a field since added keeps its default; a renamed one, a dropdown choice that went away, or anything
+    a page could have put there are dropped)."""
+    if not isinstance(saved, dict):
+        return {}
+    by_key = {spec.key: spec for spec in specs if spec.key != "output_dir"}
+    return {key: value for key, value in saved.items() if key in by_key and _fits(by_key[key], value)}
+
+
+def _fits(spec: FieldSpec, value: Any) -> bool:
+    if spec.kind == "checkbox":
+        return isinstance(value, bool)
+    if spec.kind == "dropdown":
+        return value in spec.choices
+    if spec.kind == "choices":
+        return isinstance(value, list) and all(item in spec.choices for item in value)
+    if spec.kind == "number":
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    return isinstance(value, str)

@@ -6,6 +6,8 @@ so a page reload or a UI restart shows the same thing.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +113,14 @@ def build_ui(
                 _runs_tab(ctx, runs_tab, tabs, current_run)
             with gr.Tab("Export", id="export") as export_tab:
                 _export_tab(ctx, export_tab)
+        # A page reloaded (after a UI restart, say) gets back the form this browser last had.
+        demo.load(
+            lambda saved: _restore_form(ctx, saved),
+            setup.saved_form,
+            [*setup.fields, setup.message],
+            show_progress="hidden",
+            api_visibility="undocumented",
+        )
         # A fresh page (or a restarted UI) shows the running or newest run at once.
         demo.load(
             run_tab.redraw,
@@ -136,6 +146,8 @@ class SetupTab:
     section_problems: list[gr.Markdown]
     accordions: list[gr.Accordion]
     problems: gr.Markdown
+    message: gr.Markdown
+    saved_form: gr.BrowserState  # the form as this browser last had it (local storage)
 
     def by_key(self, specs: list[form.FieldSpec], key: str) -> Any:
         """The widget of a dotted config key."""
@@ -188,7 +200,27 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
                     for spec in specs[start : start + FIELDS_PER_ROW]:
                         fields.append(_field_widget(spec, initial[ctx.specs.index(spec)]))
         accordions.append(acc)
-    tab = SetupTab(fields=fields, section_problems=section_mds, accordions=accordions, problems=problems)
+    saved_form = gr.BrowserState(
+        None, storage_key=_form_storage_key(ctx), secret=_browser_secret(ctx.runs_dir)
+    )
+    # Every edit goes to the browser's local storage, so a reload or a UI restart loses nothing unsaved.
+    gr.on(
+        [field.change for field in fields],
+        lambda *values: form.form_snapshot(values, ctx.specs),
+        fields,
+        saved_form,
+        show_progress="hidden",
+        api_visibility="undocumented",
+        trigger_mode="always_last",
+    )
+    tab = SetupTab(
+        fields=fields,
+        section_problems=section_mds,
+        accordions=accordions,
+        problems=problems,
+        message=message,
+        saved_form=saved_form,
+    )
     marks = [problems, *section_mds, *accordions]
 
     load_preset.click(
@@ -208,6 +240,33 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
     )
     check.click(lambda *values: _check(ctx, values), fields, [summary, *marks], api_name="check")
     return tab
+
+
+BROWSER_SECRET_FILE = ".ui-browser-secret"
+
+
+def _browser_secret(runs_dir: Path) -> str:
+    """The key the kept form is encrypted with in the browser: one per runs folder, kept across restarts
+    (Gradio's default is a new one each start, which would make the kept form unreadable after one)."""
+    path = Path(runs_dir) / BROWSER_SECRET_FILE
+    if not path.is_file():
+        atomic_write_text(path, secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _form_storage_key(ctx: UiContext) -> str:
+    """One local-storage entry per runs folder: two UIs on one address keep their forms apart."""
+    return "ppsf-setup-form-" + hashlib.sha256(str(ctx.runs_dir).encode()).hexdigest()[:12]
+
+
+def _restore_form(ctx: UiContext, saved: Any) -> list[Any]:
+    """Updates putting back the form this browser kept (skips when it kept none)."""
+    values = form.restorable_values(saved, ctx.specs)
+    if not values:
+        return [gr.skip()] * (len(ctx.specs) + 1)
+    fields = [values[spec.key] if spec.key in values else gr.skip() for spec in ctx.specs]
+    return [*fields, "Restored the form as this browser last had it (its edits are kept as you type)."]
 
 
 def _field_widget(spec: form.FieldSpec, value: Any) -> Any:

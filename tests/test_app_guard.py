@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -573,3 +574,109 @@ def test_browser_tab_logged_out_elsewhere_says_so_and_shows_the_login(served_wit
             assert second.locator("#field-training-max_steps").count() == 0
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- the form kept in the browser
+def _demo_form() -> tuple[list, list]:
+    from app import config_form as form
+
+    specs = form.form_fields()
+    data, problems = form.read_toml(REPO / "presets" / "demo.toml")
+    assert not problems
+    return specs, form.values_from_config(data, specs)
+
+
+def test_the_kept_form_restores_every_edited_field():
+    from app import config_form as form
+
+    specs, values = _demo_form()
+    keys = [s.key for s in specs]
+    edited = list(values)
+    edited[keys.index("training.max_steps")] = "1234"
+    edited[keys.index("sampling.prompts")] = "a red cube\na blue ball"
+    edited[keys.index("training.precision")] = "bf16"
+    edited[keys.index("dataset.shuffle_tags")] = not values[keys.index("dataset.shuffle_tags")]
+    edited[keys.index("lora.rank")] = 4
+    saved = json.loads(json.dumps(form.form_snapshot(edited, specs)))  # what local storage gives back
+    restored = form.restorable_values(saved, specs)
+    assert "output_dir" not in saved and "output_dir" not in restored  # the runs folder is the UI's own
+    assert {key: restored[key] for key in restored} == {
+        key: value for key, value in zip(keys, edited) if key != "output_dir"
+    }
+    config, problems = form.validate_values(
+        [restored.get(key, value) for key, value in zip(keys, values)], specs
+    )
+    assert problems == [] and config.training.max_steps == 1234 and config.lora.rank == 4
+
+
+def test_the_kept_form_drops_what_does_not_fit_todays_fields():
+    from app import config_form as form
+
+    specs, _ = _demo_form()
+    saved = {
+        "training.max_steps": "77",
+        "training.no_such_field": "x",  # a field since removed
+        "training.precision": "fp64",  # a choice that is not offered
+        "saving.formats": ["kohya", "ckpt"],
+        "dataset.shuffle_tags": "yes",  # not a checkbox value
+        "lora.rank": True,
+        "output_dir": "/elsewhere",
+        "name": ["not", "text"],
+    }
+    assert form.restorable_values(saved, specs) == {"training.max_steps": "77"}
+    assert form.restorable_values(None, specs) == {}
+    assert form.restorable_values(["a", "list"], specs) == {}
+
+
+def test_restore_handler_fills_only_kept_fields(tmp_path):
+    import gradio as gr
+
+    from app.ui import UiContext, _browser_secret, _restore_form
+
+    ctx = UiContext(runs_dir=tmp_path, presets_dir=tmp_path, allow_parallel_runs=False, configs_dir=tmp_path)
+    keys = [s.key for s in ctx.specs]
+    nothing = _restore_form(ctx, None)
+    assert len(nothing) == len(keys) + 1 and all(isinstance(u, type(gr.skip())) for u in nothing)
+    updates = _restore_form(ctx, {"training.max_steps": "42"})
+    assert updates[keys.index("training.max_steps")] == "42"
+    assert sum(not isinstance(u, type(gr.skip())) for u in updates[:-1]) == 1
+    assert "Restored" in updates[-1]
+    secret = _browser_secret(tmp_path)
+    assert secret == _browser_secret(tmp_path) and len(secret) >= 24  # the same after a restart
+    assert (tmp_path / ".ui-browser-secret").stat().st_mode & 0o077 == 0
+
+
+def test_browser_form_edits_survive_a_ui_restart(tmp_path):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    from launch import LaunchSettings, launch
+
+    settings = LaunchSettings(port=_free_port(), runs_dir=tmp_path / "runs", configs_dir=tmp_path / "configs")
+    url = f"http://127.0.0.1:{settings.port}/"
+    demo = launch(settings, block=False)
+    try:
+        with playwright_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
+            )
+            try:
+                page = browser.new_page()
+                page.goto(url, wait_until="load")
+                field = page.locator("#field-training-max_steps").locator("input, textarea").first
+                field.wait_for(timeout=60_000)
+                page.wait_for_timeout(1000)  # the page's own load events first
+                stored = "() => Object.keys(localStorage).some(k => k.startsWith('ppsf-setup-form-'))"
+                field.fill("4321")
+                field.press("Tab")
+                page.wait_for_function(stored, timeout=30_000)
+                page.wait_for_timeout(1000)  # the last edit's round trip
+                demo.close()
+                demo = launch(settings, block=False)  # a restarted UI, same runs folder and address
+                page.reload(wait_until="load")
+                playwright_api.expect(field).to_have_value("4321", timeout=30_000)
+                playwright_api.expect(page.locator("#setup-message")).to_contain_text("Restored")
+            finally:
+                browser.close()
+    finally:
+        demo.close()
