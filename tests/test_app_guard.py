@@ -149,6 +149,14 @@ def test_load_reads_nothing_outside_and_echoes_no_content(client, served):
         assert "Nothing loaded" in text, (typed, result)
         for leaked in (SECRET, "api_token", "tool", "secret]", "project", "ppsf-trainer =", "requires"):
             assert leaked not in text.replace(str(tmp), "").replace(typed, ""), (typed, leaked, text)
+    # the upload button only takes files a browser uploaded, not a path on the server
+    import httpx
+
+    url = served[0].rstrip("/")
+    file_data = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    event = httpx.post(f"{url}/gradio_api/call/upload_config", json={"data": [file_data]}, timeout=30)
+    answer = httpx.get(f"{url}/gradio_api/call/upload_config/{event.json()['event_id']}", timeout=60).text
+    assert "event: error" in answer and "not uploaded by a user" in answer and SECRET not in answer
     # outside the folders the answer is the same whether the file exists or not: no probing
     exists = _text(client.predict(str(secret), api_name="/load_file"))
     missing = _text(client.predict(str(secret_dir / "none.toml"), api_name="/load_file"))
