@@ -688,3 +688,14 @@ def test_browser_form_edits_survive_a_ui_restart(tmp_path):
                 browser.close()
     finally:
         demo.close()
+
+
+def test_ui_builds_with_its_configs_folder_and_a_confirmed_kill(tmp_path):
+    from app.ui import build_ui
+
+    demo = build_ui(runs_dir=tmp_path / "runs")
+    assert (tmp_path / "configs").is_dir()  # default: beside the runs folder
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"kill", "kill-confirm", "kill-cancel", "kill-confirm-row", "toml-path"} <= ids
+    row = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "kill-confirm-row")
+    assert row.visible is False  # the kill itself is one more, deliberate click away
