@@ -96,7 +96,8 @@ def resume_run(run_dir: Path, allow_parallel: bool = False) -> Path:
             raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
         if not (run_dir / "config.toml").is_file():
             raise RunnerError(
-                f"{run_dir} has no config.toml (the trainer never started there); start a new run"
+                f"{run_dir.name} has nothing to resume: its trainer stopped before it wrote config.toml "
+                "(see its train.log). Start it again from the Setup tab; the same name is fine."
             )
         _spawn(trainer_command("resume", run_dir), run_dir)
     return run_dir

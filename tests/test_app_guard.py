@@ -699,3 +699,17 @@ def test_ui_builds_with_its_configs_folder_and_a_confirmed_kill(tmp_path):
     assert {"kill", "kill-confirm", "kill-cancel", "kill-confirm-row", "toml-path"} <= ids
     row = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "kill-confirm-row")
     assert row.visible is False  # the kill itself is one more, deliberate click away
+
+
+def test_resume_of_a_run_stopped_before_it_wrote_its_config_says_to_start_it_again(tmp_path, monkeypatch):
+    from app import runner
+
+    monkeypatch.setattr(runner, "trainer_command", _harmless_command)
+    run_dir = tmp_path / "runs" / "early"
+    run_dir.mkdir(parents=True)
+    (run_dir / runner.REQUEST_FILE).write_text('name = "early"\n')  # all a trainer stopped at import leaves
+    (run_dir / runner.LOG_FILE).write_text("KeyboardInterrupt\n")
+    with pytest.raises(runner.RunnerError, match="Start it again.*same name") as refused:
+        runner.resume_run(run_dir)
+    assert "config.toml" in str(refused.value)
+    assert not runner.holds_run(run_dir)  # so the same name may start again
