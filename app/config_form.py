@@ -335,3 +335,73 @@ def read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
         return {}, [f"{path}: not valid TOML ({error})"]
     except (OSError, UnicodeDecodeError) as error:
         return {}, [f"{path}: cannot read ({error})"]
+
+
+_TOML_POSITION = re.compile(r"\(at line \d+, column \d+\)|\(at end of document\)")
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """(config dict, []) or ({}, [problem]) for a TOML file typed or uploaded into the UI.
+
+    Unlike read_toml, a problem never quotes the file (a key, a value, a line of it): whoever typed the
+    path learns only that it is not a config, and where its TOML breaks.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return {}, [f"{path}: not UTF-8 text; save it as UTF-8"]
+    except OSError as error:
+        return {}, [f"{path}: cannot be read ({error.strerror or type(error).__name__})"]
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        position = _TOML_POSITION.search(str(error))
+        return {}, [f"{path}: not valid TOML {position.group(0) if position else ''}".rstrip()]
+    unknown = unknown_key_count(data)
+    if unknown:
+        return {}, [
+            f"{path}: not a ppsf-trainer config ({unknown} key(s) that are not config fields); "
+            "compare it with a preset"
+        ]
+    return data, []
+
+
+def unknown_key_count(data: dict[str, Any], model: type[BaseModel] = TrainConfig) -> int:
+    """How many keys of `data` (at any depth) are not fields of `model`, a section given as a non-table
+    counting as one."""
+    count = 0
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            count += 1
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            count += unknown_key_count(value, field.annotation) if isinstance(value, dict) else 1
+    return count
+
+
+# ---------------------------------------------------------------- the form kept in the browser
+def form_snapshot(values: list[Any] | tuple, specs: list[FieldSpec]) -> dict[str, Any]:
+    """The form as {dotted key: widget value}, as the browser keeps it (output_dir is the UI's, not kept)."""
+    return {spec.key: value for spec, value in zip(specs, values) if spec.key != "output_dir"}
+
+
+def restorable_values(saved: Any, specs: list[FieldSpec]) -> dict[str, Any]:
+    """The entries of a kept form that still fit today's fields: known keys, values of the widget's type
+    (a field since added keeps its default; a renamed one, a dropdown choice that went away, or anything
+    a page could have put there are dropped)."""
+    if not isinstance(saved, dict):
+        return {}
+    by_key = {spec.key: spec for spec in specs if spec.key != "output_dir"}
+    return {key: value for key, value in saved.items() if key in by_key and _fits(by_key[key], value)}
+
+
+def _fits(spec: FieldSpec, value: Any) -> bool:
+    if spec.kind == "checkbox":
+        return isinstance(value, bool)
+    if spec.kind == "dropdown":
+        return value in spec.choices
+    if spec.kind == "choices":
+        return isinstance(value, list) and all(item in spec.choices for item in value)
+    if spec.kind == "number":
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    return isinstance(value, str)

@@ -221,6 +221,23 @@ def run_state(events: list[Event], alive: bool) -> str:
     return {"done": "done", "stopped": "stopped", "error": "crashed"}.get(last["type"], "interrupted")
 
 
+def stopped_words(events: list[Event]) -> str:
+    """How a stopped run's title says it stopped: a checkpoint is named only when a checkpoint event of
+    the trainer's last session is at or after the stop's step."""
+    last = lifecycle_event(events)
+    if last is None or last.get("type") != "stopped":
+        return "stopped"
+    stop_step = last.get("step")
+    session = events[: len(events) - events[::-1].index(last)]
+    for event in reversed(session if isinstance(stop_step, int) else []):
+        if event.get("type") in ("start", "resumed"):
+            break
+        step = event.get("step")
+        if event.get("type") == "checkpoint" and isinstance(step, int) and step >= stop_step:
+            return f"stopped (checkpoint saved at step {step})"
+    return f"stopped (no checkpoint saved: {last.get('message') or 'no reason given'})"
+
+
 def notices_markdown(events: list[Event], state: str) -> str:
     """The run's errors and warnings in words, as Markdown ("" when there is nothing to say)."""
     lines = []

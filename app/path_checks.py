@@ -64,6 +64,28 @@ def writable_file_problem(path: str | Path, what: str = "file", suffixes: tuple[
     return None
 
 
+def confined_file(
+    typed: str | Path, base: Path, allowed: list[Path], what: str, suffixes: tuple[str, ...] = ()
+) -> tuple[Path | None, str | None]:
+    """(file, None) if `typed` names a file inside one of the `allowed` folders, else (None, problem).
+
+    A relative path is taken from `base`. The check is on the resolved path (symlinks and `..` followed),
+    so neither leads out; the problem never says whether something outside exists, so nothing can be probed.
+    """
+    text = str(typed or "").strip()
+    if not text:
+        return None, f"{what}: no file name given"
+    name = Path(text).expanduser()
+    if suffixes and name.suffix.lower() not in suffixes:
+        return None, f"{what}: {text} must end in {' or '.join(suffixes)}"
+    resolved = (Path(base) / name).resolve()  # an absolute `name` replaces `base`
+    folders = [Path(folder).resolve() for folder in allowed]
+    if not any(resolved.is_relative_to(folder) and resolved != folder for folder in folders):
+        where = " or ".join(str(folder) for folder in folders)
+        return None, f"{what}: {text} is outside {where}; this UI only uses files in there (type a file name)"
+    return resolved, None
+
+
 def config_path_problems(config: TrainConfig) -> list[str]:
     """Readability problems of the config's local model and dataset paths (demo:// paths are fine).
 

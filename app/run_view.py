@@ -18,7 +18,7 @@ STATE_WORDS = {
     "running": "running",
     "starting": "starting (loading the model and caching the dataset)",
     "done": "done",
-    "stopped": "stopped (checkpoint saved)",
+    "stopped": "stopped",  # the title says what the events say (view.stopped_words)
     "crashed": "crashed",
     "interrupted": "interrupted",
     "not started": "not started",
@@ -38,7 +38,8 @@ class RunSnapshot:
     @property
     def title(self) -> str:
         """E.g. "**demo** — running"."""
-        return f"**{self.run_dir.name}** — {STATE_WORDS.get(self.state, self.state)}  \n`{self.run_dir}`"
+        words = view.stopped_words(self.events) if self.state == "stopped" else STATE_WORDS.get(self.state)
+        return f"**{self.run_dir.name}** — {words or self.state}  \n`{self.run_dir}`"
 
     def status_markdown(self) -> str:
         """State plus the run's errors and warnings in words."""

@@ -7,13 +7,17 @@ Commands are argument lists, never shell strings, so typed paths are never inter
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
@@ -22,6 +26,8 @@ from trainers.events import EVENTS_FILE
 
 PID_FILE = "trainer.pid"
 LOG_FILE = "train.log"
+STOP_FILE = "ui-stop.json"  # which trainer pid the UI already sent its one stop signal to
+LOCK_FILE = ".ui.lock"  # in the runs folder: held while a Start or Resume checks and spawns
 REQUEST_FILE = "ui-config.toml"  # the config as submitted; the trainer writes the resolved config.toml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,38 +45,113 @@ def trainer_command(action: str, target: Path) -> list[str]:
     return [sys.executable, "-m", "trainers", action, str(target)]
 
 
-def start_run(config: TrainConfig) -> Path:
+@contextlib.contextmanager
+def runs_lock(runs_dir: Path) -> Iterator[None]:
+    """Hold the runs folder's exclusive lock (runs/.ui.lock): one check-and-spawn at a time.
+
+    An flock on a file, so it holds between threads of this UI, between UIs on the same folder and across
+    a UI restart; the system releases it when the holder exits, so a killed UI leaves no stale lock.
+    """
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(runs_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def start_run(config: TrainConfig, allow_parallel: bool = False) -> Path:
     """Write the config into its run folder and start `python -m trainers train` on it; returns the folder.
 
-    Raises RunnerError if the folder already holds a run (resume it instead) or a trainer is running there.
+    Raises RunnerError if another run in the runs folder is training (unless `allow_parallel`), the folder
+    already holds a run (resume it instead) or a trainer is running there. The check and the spawn happen
+    under runs_lock, so two requests at once cannot both pass the check.
     """
     run_dir = Path(config.run_dir).resolve()
-    if trainer_pid(run_dir) is not None:
-        raise RunnerError(f"a trainer is already running in {run_dir}")
-    if holds_run(run_dir):
-        raise RunnerError(
-            f"run folder {run_dir} already holds a run: resume it on the Run tab, or choose another name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    request = run_dir / REQUEST_FILE
-    atomic_write_text(request, dump_config(config))
-    _spawn(trainer_command("train", request), run_dir)
+    with runs_lock(run_dir.parent):
+        _refuse_if_busy(run_dir, allow_parallel)
+        if trainer_pid(run_dir) is not None:
+            raise RunnerError(f"a trainer is already running in {run_dir}")
+        if holds_run(run_dir):
+            raise RunnerError(
+                f"run folder {run_dir} already holds a run: resume it on the Run tab, or choose another name"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        request = run_dir / REQUEST_FILE
+        atomic_write_text(request, dump_config(config))
+        _spawn(trainer_command("train", request), run_dir)
     return run_dir
 
 
-def resume_run(run_dir: Path) -> Path:
-    """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot."""
+def resume_run(run_dir: Path, allow_parallel: bool = False) -> Path:
+    """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot.
+
+    Checked and spawned under runs_lock, as start_run.
+    """
     run_dir = Path(run_dir).resolve()
-    if trainer_pid(run_dir) is not None:
-        raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
-    if not (run_dir / "config.toml").is_file():
-        raise RunnerError(f"{run_dir} has no config.toml (the trainer never started there); start a new run")
-    _spawn(trainer_command("resume", run_dir), run_dir)
+    with runs_lock(run_dir.parent):
+        _refuse_if_busy(run_dir, allow_parallel)
+        if trainer_pid(run_dir) is not None:
+            raise RunnerError(f"{run_dir.name} is still running; stop it before resuming")
+        if not (run_dir / "config.toml").is_file():
+            raise RunnerError(
+                f"{run_dir.name} has nothing to resume: its trainer stopped before it wrote config.toml "
+                "(see its train.log). Start it again from the Setup tab; the same name is fine."
+            )
+        _spawn(trainer_command("resume", run_dir), run_dir)
     return run_dir
+
+
+def _refuse_if_busy(run_dir: Path, allow_parallel: bool) -> None:
+    refusal = one_at_a_time_refusal(run_dir.parent, allow_parallel, run_dir)
+    if refusal:
+        raise RunnerError(f"{refusal}.")
+
+
+StopAnswer = Literal["sent", "already stopping", "not running"]
+
+
+def request_stop(run_dir: Path) -> StopAnswer:
+    """Ask the run's trainer to stop, once: a trainer aborts at once on a second SIGINT, losing the steps
+    since its last checkpoint, so a repeated Stop (another page, a double click) sends nothing.
+
+    The pid the signal went to is written to the run folder (so a restarted UI knows too), under the runs
+    lock (so two presses at once cannot both send).
+    """
+    run_dir = Path(run_dir).resolve()
+    with runs_lock(run_dir.parent):
+        pid = trainer_pid(run_dir)
+        if pid is None:
+            return "not running"
+        if stop_sent_to(run_dir) == pid:
+            return "already stopping"
+        atomic_write_text(run_dir / STOP_FILE, json.dumps({"pid": pid, "time": time.time()}))
+        return "sent" if stop_run(run_dir) else "not running"
+
+
+def abort_run(run_dir: Path) -> bool:
+    """Make the run's trainer quit now, without a checkpoint (what a second Ctrl-C does); False if none runs.
+
+    The trainer treats SIGTERM as Ctrl-C, so the stop request (if not sent yet) and a second one are sent.
+    """
+    run_dir = Path(run_dir).resolve()
+    if request_stop(run_dir) == "not running":
+        return False
+    return stop_run(run_dir, signal.SIGTERM)  # another signal number: never merged with a pending SIGINT
+
+
+def stop_sent_to(run_dir: Path) -> int | None:
+    """The trainer pid the UI already sent its stop signal to, or None."""
+    try:
+        return int(json.loads((Path(run_dir) / STOP_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def stop_run(run_dir: Path, sig: int = signal.SIGINT) -> bool:
-    """Ask the run's trainer to stop (it finishes the step, checkpoints, logs "stopped"); False if none runs."""
+    """Send `sig` to the run's trainer (SIGINT: it finishes the step, checkpoints, logs "stopped"; a second
+    one aborts it); False if none runs. The UI goes through request_stop, which sends it once."""
     pid = trainer_pid(run_dir)
     if pid is None:
         return False
@@ -100,6 +181,7 @@ def _spawn(command: list[str], run_dir: Path) -> int:
             start_new_session=True,
         )
     _children[child.pid] = child
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)  # a new trainer: its stop is not sent yet
     record = {"pid": child.pid, "command": command, "started": time.time()}
     atomic_write_text(Path(run_dir) / PID_FILE, json.dumps(record))
     return child.pid

@@ -6,6 +6,8 @@ so a page reload or a UI restart shows the same thing.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,11 +22,13 @@ from app import events_view as view
 from app import runner
 from app.dataset_view import dataset_overview
 from app.export_view import FORMATS, checkpoint_choices, export_lora, exported_markdown, metadata_by_file
-from app.path_checks import expand, file_problem, writable_file_problem
+from app.path_checks import confined_file, file_problem, writable_file_problem
 from app.preflight import preflight
 from app.run_view import change_signature, default_run, resolve_run, runs_table, snapshot
+from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
 from trainers.config import dump_config
+from trainers.events import read_events
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PRESET = "demo"
@@ -68,6 +72,7 @@ class UiContext:
     runs_dir: Path
     presets_dir: Path
     allow_parallel_runs: bool
+    configs_dir: Path  # the only folder "Save to file" writes to and, with presets_dir, "Load file" reads
     specs: list[form.FieldSpec] = field(default_factory=form.form_fields)
 
 
@@ -77,12 +82,22 @@ def build_ui(
     presets_dir: Path | str = PRESETS_DIR,
     allow_parallel_runs: bool = False,
     refresh_seconds: float = REFRESH_SECONDS,
+    configs_dir: Path | str | None = None,
 ) -> gr.Blocks:
-    """The whole UI as a gr.Blocks (launch it with THEME and CSS)."""
+    """The whole UI as a gr.Blocks (launch it with THEME and CSS).
+
+    Config files are saved to and loaded from `configs_dir` (default: `configs/` beside the runs folder).
+    """
     runs_path = Path(runs_dir).expanduser().resolve()
     runs_path.mkdir(parents=True, exist_ok=True)
+    configs_path = default_configs_dir(runs_path) if configs_dir is None else Path(configs_dir)
+    configs_path = configs_path.expanduser().resolve()
+    configs_path.mkdir(parents=True, exist_ok=True)
     ctx = UiContext(
-        runs_dir=runs_path, presets_dir=Path(presets_dir), allow_parallel_runs=allow_parallel_runs
+        runs_dir=runs_path,
+        presets_dir=Path(presets_dir).resolve(),
+        allow_parallel_runs=allow_parallel_runs,
+        configs_dir=configs_path,
     )
     with gr.Blocks(title="ppsf-trainer") as demo:
         gr.Markdown(f"# ppsf-trainer\nLoRA training with Prodigy + ScheduleFree. Runs live in `{runs_path}`.")
@@ -98,6 +113,14 @@ def build_ui(
                 _runs_tab(ctx, runs_tab, tabs, current_run)
             with gr.Tab("Export", id="export") as export_tab:
                 _export_tab(ctx, export_tab)
+        # A page reloaded (after a UI restart, say) gets back the form this browser last had.
+        demo.load(
+            lambda saved: _restore_form(ctx, saved),
+            setup.saved_form,
+            [*setup.fields, setup.message],
+            show_progress="hidden",
+            api_visibility="undocumented",
+        )
         # A fresh page (or a restarted UI) shows the running or newest run at once.
         demo.load(
             run_tab.redraw,
@@ -109,6 +132,11 @@ def build_ui(
     return demo
 
 
+def default_configs_dir(runs_dir: Path) -> Path:
+    """configs/ beside the runs folder."""
+    return Path(runs_dir).expanduser().resolve().parent / "configs"
+
+
 # ---------------------------------------------------------------- Setup tab
 @dataclass
 class SetupTab:
@@ -118,6 +146,8 @@ class SetupTab:
     section_problems: list[gr.Markdown]
     accordions: list[gr.Accordion]
     problems: gr.Markdown
+    message: gr.Markdown
+    saved_form: gr.BrowserState  # the form as this browser last had it (local storage)
 
     def by_key(self, specs: list[form.FieldSpec], key: str) -> Any:
         """The widget of a dotted config key."""
@@ -135,7 +165,11 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
         load_preset = gr.Button("Load preset", elem_id="load-preset", scale=1)
     with gr.Row():
         toml_path = gr.Textbox(
-            label="Config file (TOML)", placeholder="e.g. presets/my-run.toml", elem_id="toml-path", scale=3
+            label="Config file (TOML)",
+            placeholder="e.g. my-run.toml",
+            info=f"A file in {ctx.configs_dir} (loading also reads presets in {ctx.presets_dir}).",
+            elem_id="toml-path",
+            scale=3,
         )
         load_file = gr.Button("Load file", elem_id="load-file", scale=1)
         save_file = gr.Button("Save to file", elem_id="save-file", scale=1)
@@ -166,19 +200,73 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
                     for spec in specs[start : start + FIELDS_PER_ROW]:
                         fields.append(_field_widget(spec, initial[ctx.specs.index(spec)]))
         accordions.append(acc)
-    tab = SetupTab(fields=fields, section_problems=section_mds, accordions=accordions, problems=problems)
+    saved_form = gr.BrowserState(
+        None, storage_key=_form_storage_key(ctx), secret=_browser_secret(ctx.runs_dir)
+    )
+    # Every edit goes to the browser's local storage, so a reload or a UI restart loses nothing unsaved.
+    gr.on(
+        [field.change for field in fields],
+        lambda *values: form.form_snapshot(values, ctx.specs),
+        fields,
+        saved_form,
+        show_progress="hidden",
+        api_visibility="undocumented",
+        trigger_mode="always_last",
+    )
+    tab = SetupTab(
+        fields=fields,
+        section_problems=section_mds,
+        accordions=accordions,
+        problems=problems,
+        message=message,
+        saved_form=saved_form,
+    )
     marks = [problems, *section_mds, *accordions]
 
     load_preset.click(
         lambda name: _load_preset(ctx, name), preset, [*fields, message, *marks], api_name="load_preset"
     )
-    load_file.click(lambda path: _load_file(ctx, path), toml_path, [*fields, message, *marks])
-    upload.upload(lambda path: _load_file(ctx, path), upload, [*fields, message, *marks])
+    load_file.click(
+        lambda path: _load_file(ctx, path), toml_path, [*fields, message, *marks], api_name="load_file"
+    )
+    upload.upload(
+        lambda path: _load_upload(ctx, path), upload, [*fields, message, *marks], api_name="upload_config"
+    )
     save_file.click(
-        lambda path, *values: _save_file(ctx, path, values), [toml_path, *fields], [message, download, *marks]
+        lambda path, *values: _save_file(ctx, path, values),
+        [toml_path, *fields],
+        [message, download, *marks],
+        api_name="save_file",
     )
     check.click(lambda *values: _check(ctx, values), fields, [summary, *marks], api_name="check")
     return tab
+
+
+BROWSER_SECRET_FILE = ".ui-browser-secret"
+
+
+def _browser_secret(runs_dir: Path) -> str:
+    """The key the kept form is encrypted with in the browser: one per runs folder, kept across restarts
+    (Gradio's default is a new one each start, which would make the kept form unreadable after one)."""
+    path = Path(runs_dir) / BROWSER_SECRET_FILE
+    if not path.is_file():
+        atomic_write_text(path, secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _form_storage_key(ctx: UiContext) -> str:
+    """One local-storage entry per runs folder: two UIs on one address keep their forms apart."""
+    return "ppsf-setup-form-" + hashlib.sha256(str(ctx.runs_dir).encode()).hexdigest()[:12]
+
+
+def _restore_form(ctx: UiContext, saved: Any) -> list[Any]:
+    """Updates putting back the form this browser kept (skips when it kept none)."""
+    values = form.restorable_values(saved, ctx.specs)
+    if not values:
+        return [gr.skip()] * (len(ctx.specs) + 1)
+    fields = [values[spec.key] if spec.key in values else gr.skip() for spec in ctx.specs]
+    return [*fields, "Restored the form as this browser last had it (its edits are kept as you type)."]
 
 
 def _field_widget(spec: form.FieldSpec, value: Any) -> Any:
@@ -250,30 +338,54 @@ def _load_preset(ctx: UiContext, name: str | None) -> list[Any]:
     return _load_data(ctx, data, f"preset **{name}**")
 
 
-def _load_file(ctx: UiContext, path: str | None) -> list[Any]:
-    problem = file_problem(path or "", "config file", suffixes=(".toml",))
+def _load_file(ctx: UiContext, typed: str | None) -> list[Any]:
+    """Load a config typed as a name in the configs folder, or a path inside it or the presets folder."""
+    folders = [ctx.configs_dir, ctx.presets_dir]
+    path, problem = confined_file(typed or "", ctx.configs_dir, folders, "config file", (".toml",))
+    if path is None:
+        return _unchanged_fields(ctx, "Nothing loaded.", [problem])
+    problem = file_problem(path, "config file", suffixes=(".toml",))
     if problem:
         return _unchanged_fields(ctx, "Nothing loaded.", [problem])
-    data, problems = form.read_toml(expand(path))
+    data, problems = form.read_config_file(path)
     if problems:
         return _unchanged_fields(ctx, "Nothing loaded.", problems)
-    return _load_data(ctx, data, f"`{expand(path)}`")
+    return _load_data(ctx, data, f"`{path}`")
 
 
-def _save_file(ctx: UiContext, path: str, values: tuple) -> list[Any]:
+def _load_upload(ctx: UiContext, path: str | None) -> list[Any]:
+    """Load an uploaded config (Gradio keeps uploads in its own cache folder)."""
+    if not path:
+        return _unchanged_fields(ctx, "Nothing loaded.", [])
+    data, problems = form.read_config_file(Path(path))
+    if problems:
+        return _unchanged_fields(
+            ctx, "Nothing loaded.", [p.replace(str(path), "the upload") for p in problems]
+        )
+    return _load_data(ctx, data, "the uploaded file")
+
+
+def _save_file(ctx: UiContext, typed: str, values: tuple) -> list[Any]:
     config, problems = form.validate_values(list(values), ctx.specs)
     if config is None:
         return ["Not saved: the config has problems.", None, *_marks(ctx, problems)]
     text = dump_config(config)
     download = Path(tempfile.mkdtemp(prefix="ppsf-config-")) / f"{config.name}.toml"
     download.write_text(text, encoding="utf-8")
-    if not (path or "").strip():
-        return ["Saved for download (type a path to save it there too).", str(download), *_marks(ctx, [])]
+    if not (typed or "").strip():
+        return [
+            f"Saved for download (type a file name to save it in `{ctx.configs_dir}` too).",
+            str(download),
+            *_marks(ctx, []),
+        ]
+    path, problem = confined_file(typed, ctx.configs_dir, [ctx.configs_dir], "config file", (".toml",))
+    if path is None:
+        return ["Not saved.", str(download), *_marks(ctx, [problem])]
     problem = writable_file_problem(path, "config file", suffixes=(".toml",))
     if problem:
         return ["Not saved.", str(download), *_marks(ctx, [problem])]
-    expand(path).write_text(text, encoding="utf-8")
-    return [f"Saved to `{expand(path).resolve()}`.", str(download), *_marks(ctx, [])]
+    atomic_write_text(path, text)  # a rename: replaces a symlink put there meanwhile, never follows it
+    return [f"Saved to `{path}`.", str(download), *_marks(ctx, [])]
 
 
 def _check(ctx: UiContext, values: tuple) -> list[Any]:
@@ -394,6 +506,13 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
         start = gr.Button("Start", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
         resume = gr.Button("Resume", elem_id="resume")
+        kill = gr.Button("Kill now…", size="sm", elem_id="kill")
+    with gr.Row(visible=False, elem_id="kill-confirm-row") as kill_row:
+        gr.Markdown(
+            "**Abort the trainer now?** It saves nothing: the steps since its last checkpoint are lost."
+        )
+        kill_yes = gr.Button("Yes, kill it", variant="stop", elem_id="kill-confirm")
+        kill_no = gr.Button("No, keep it", elem_id="kill-cancel")
     message = gr.Markdown(elem_id="run-message")
     title = gr.Markdown(elem_id="run-title")
     progress = gr.HTML(view.progress_html(view.Progress(0, None, None, None)), elem_id="run-progress")
@@ -420,6 +539,14 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
         api_name="start",
     )
     stop.click(lambda current: _stop(ctx, current), current_run, message, api_name="stop")
+    kill.click(lambda: gr.Row(visible=True), None, kill_row, api_visibility="undocumented")
+    kill_no.click(lambda: gr.Row(visible=False), None, kill_row, api_visibility="undocumented")
+    kill_yes.click(
+        lambda current: [_kill(ctx, current), gr.Row(visible=False)],
+        current_run,
+        [message, kill_row],
+        api_name="kill",
+    )
     resume.click(lambda current: _resume(ctx, current), current_run, message, api_name="resume")
 
     def refresh(current: str, sig: str, keys: list[str]) -> Iterator[list[Any]]:
@@ -475,32 +602,55 @@ def _start(ctx: UiContext, current: str, values: tuple) -> list[Any]:
     if problems:
         text = "**Not started.** Fix these on the Setup tab first:\n" + "\n".join(f"- {p}" for p in problems)
         return [text, gr.skip(), *_marks(ctx, problems)]
-    refusal = runner.one_at_a_time_refusal(ctx.runs_dir, ctx.allow_parallel_runs)
-    if refusal:
-        return [f"**Not started:** {refusal}.", gr.skip(), *_marks(ctx, [])]
     try:
-        run_dir = runner.start_run(config)
+        run_dir = runner.start_run(config, ctx.allow_parallel_runs)
     except runner.RunnerError as error:
         return [f"**Not started:** {error}", gr.skip(), *_marks(ctx, [])]
     return [f"Started **{run_dir.name}**; the plots fill in as it trains.", str(run_dir), *_marks(ctx, [])]
 
 
 def _stop(ctx: UiContext, current: str) -> str:
+    """Send the run's trainer its stop signal, once (a second one would abort it and lose steps)."""
     run_dir = _current(ctx, current)
-    if run_dir is None or not runner.stop_run(run_dir):
+    answer = runner.request_stop(run_dir) if run_dir is not None else "not running"
+    if answer == "not running":
         return "Nothing to stop: no trainer is running for this run."
+    if answer == "already stopping":
+        return (
+            f"**{run_dir.name}** is already stopping (Stop was sent; pressing it again changes nothing). "
+            "It exits after the current step; to abort without saving, use Kill now."
+        )
+    if not _has_stepped(read_events(run_dir)):
+        return (
+            f"Stopping **{run_dir.name}** while it starts: if it stops before its first step there is "
+            "nothing to save; the title says what happened."
+        )
     return f"Stopping **{run_dir.name}**: it finishes the current step, saves a checkpoint and exits."
+
+
+def _has_stepped(events: list[dict]) -> bool:
+    """Whether the trainer's current session has logged a step (so a stop will save a checkpoint)."""
+    for event in reversed(events):
+        if event.get("type") == "step":
+            return True
+        if event.get("type") in ("start", "resumed"):
+            return False
+    return False
+
+
+def _kill(ctx: UiContext, current: str) -> str:
+    run_dir = _current(ctx, current)
+    if run_dir is None or not runner.abort_run(run_dir):
+        return "Nothing to kill: no trainer is running for this run."
+    return f"Killed **{run_dir.name}** without saving; Resume continues from its last checkpoint."
 
 
 def _resume(ctx: UiContext, current: str) -> str:
     run_dir = _current(ctx, current)
     if run_dir is None:
         return "No run to resume."
-    refusal = runner.one_at_a_time_refusal(ctx.runs_dir, ctx.allow_parallel_runs, run_dir)
-    if refusal:
-        return f"**Not resumed:** {refusal}."
     try:
-        runner.resume_run(run_dir)
+        runner.resume_run(run_dir, ctx.allow_parallel_runs)
     except runner.RunnerError as error:
         return f"**Not resumed:** {error}"
     checkpoints = list_checkpoints(run_dir)

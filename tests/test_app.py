@@ -558,13 +558,42 @@ def test_a_stale_pid_file_means_not_running(tmp_path):
     (tmp_path / runner.PID_FILE).write_text('{"pid": 999999999}')
     assert runner.trainer_pid(tmp_path) is None
     assert not (tmp_path / runner.PID_FILE).exists()
-    assert runner.trainer_command("resume", Path("a b; echo $HOME")) == [
-        sys.executable,
-        "-m",
-        "trainers",
-        "resume",
-        "a b; echo $HOME",
-    ]
+
+
+FAKE_PID = 2**22 + 1  # above Linux's largest pid: nothing real is ever signalled
+
+
+class _RecordingPopen:
+    """Stands in for subprocess.Popen: records what the runner hands it, starts nothing."""
+
+    calls: list[tuple[object, dict]] = []
+
+    def __init__(self, args, **kwargs):
+        _RecordingPopen.calls.append((args, kwargs))
+        self.pid = FAKE_PID
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_typed_paths_reach_popen_as_one_argument_without_a_shell(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.subprocess, "Popen", _RecordingPopen)
+    _RecordingPopen.calls.clear()
+    run_dir = tmp_path / "a b; touch pwned $(id) `id` | cat"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("name = 'x'\n")
+    try:
+        runner.resume_run(run_dir)
+    finally:
+        runner._children.pop(FAKE_PID, None)
+    ((args, kwargs),) = _RecordingPopen.calls
+    assert args == [sys.executable, "-m", "trainers", "resume", str(run_dir.resolve())]
+    assert isinstance(args, list) and all(isinstance(a, str) for a in args)
+    assert not kwargs.get("shell") and "executable" not in kwargs
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------- the Blocks build
