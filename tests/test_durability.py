@@ -142,7 +142,7 @@ def test_kill_while_resaving_a_finished_run_keeps_its_checkpoint(tmp_path, refer
     run_dir = tmp_path / "r"
     shutil.copytree(reference, run_dir)
     # keep_last = 1: the final step-000006 is the only checkpoint, and resume saves it again
-    killed_at("checkpoint-swap:1", "resume", str(run_dir))
+    killed_at("checkpoint-write:1", "resume", str(run_dir))
     training.resume(run_dir)
     resumed = [e for e in read_events(run_dir) if e["type"] == "resumed"]
     assert resumed and resumed[-1]["step"] == 6, "the run must not start over"
@@ -175,7 +175,10 @@ def test_kill_at_each_point_of_a_run(tmp_path, reference, fault) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["checkpoint-swap:1", "checkpoint-write:1", "rename:events.jsonl:1"])
+@pytest.mark.parametrize(
+    "fault",
+    ["checkpoint-swap:1", "checkpoint-prune:1", "rename:events.jsonl:1", "rename:r-step000006.safetensors:1"],
+)
 def test_kill_at_each_point_of_resuming_a_finished_run(tmp_path, reference, fault) -> None:
     run_dir = tmp_path / "r"
     shutil.copytree(reference, run_dir)
@@ -355,7 +358,7 @@ def test_a_real_full_disk(tmp_path, reference) -> None:
 
 # ---------------------------------------------------------------- stopping during start-up
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_stop_during_start_up_is_clean_and_resumable(tmp_path, sig) -> None:
+def test_stop_during_start_up_is_clean_and_resumable(tmp_path, reference, sig) -> None:
     config = write_config(tmp_path)
     process = trainer_process("train", str(config))
     time.sleep(1.0)  # still importing torch and diffusers
@@ -367,6 +370,8 @@ def test_stop_during_start_up_is_clean_and_resumable(tmp_path, sig) -> None:
     last = read_events(run_dir)[-1]
     assert last["type"] == "stopped" and last["message"] == "stopped before the first step; nothing to save"
     assert list_checkpoints(run_dir) == []
+    training.resume(run_dir)
+    assert_same_run(run_dir, reference)
 
 
 def test_a_second_stop_aborts(tmp_path) -> None:

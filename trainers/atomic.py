@@ -99,7 +99,9 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("PPSF_FAULT")
     if not spec:
         return
-    target, _, count = spec.rpartition(":") if spec.rsplit(":", 1)[-1].isdigit() else (spec, "", "1")
+    target, _, count = spec.rpartition(":")
+    if not count.isdigit():
+        target, count = spec, "1"
     if target != name:
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1

@@ -66,11 +66,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All complete events of a run (a line being written right now is skipped)."""
-    return [event for _, event in _complete_lines(Path(run_dir) / EVENTS_FILE)]
-
-
 def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, event) of each line that parses; a fragment cut short by a kill or a full disk is skipped."""
     if not path.is_file():
@@ -84,3 +79,17 @@ def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if isinstance(event, dict) and "type" in event:
             found.append((line, event))
     return found
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete events of a run (a line being written right now is skipped)."""
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -14,6 +14,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class Trainer:
         return stop.requested()
 
     # ------------------------------------------------------------------ the run
-    def run(self, resume_from: Path | None, warnings: list[str] = ()) -> Path:
+    def run(self, resume_from: Path | None, warnings: Sequence[str] = ()) -> Path:
         """Train to the end (or to a stop request); `warnings` are reported as events first."""
         # a stop asked for while models load is honoured before the first step
         previous_handlers = stop.install()
@@ -161,9 +162,9 @@ class Trainer:
         except KeyboardInterrupt:
             self._report("stopped", message="aborted by a second Ctrl-C", **self._last_checkpoint_info())
             raise
-        except OSError as error:  # a full disk, a folder made read-only, ...: say what to do, once
-            raise TrainingError(self._write_failure_message(error)) from None
         except Exception as error:
+            if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder, ...
+                raise TrainingError(self._write_failure_message(error)) from None
             self._report("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
             raise
         finally:
