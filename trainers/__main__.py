@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print("config problems:\n  " + "\n  ".join(error.problems), file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing file, a full disk before the run began, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

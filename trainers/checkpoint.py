@@ -96,8 +96,9 @@ def broken_checkpoints(run_dir: Path) -> list[str]:
 def recover_run_folder(run_dir: Path) -> None:
     """Tidy what killed writes left behind: temporary files and folders of writers that are gone.
 
-    A temporary checkpoint folder is complete whenever its step-N folder is missing (save_checkpoint
-    moves the old one aside only once the new one is written), so it is renamed into place, not deleted.
+    An intact temporary checkpoint folder whose step-N folder is missing (a kill between save_checkpoint's
+    renames: the old one moved aside, the new one complete but not yet in place) is renamed into place,
+    not deleted.
     """
     run_dir = Path(run_dir)
     for folder in (run_dir, run_dir / "samples", run_dir / "lora"):
