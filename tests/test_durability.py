@@ -177,7 +177,12 @@ def test_kill_at_each_point_of_a_run(tmp_path, reference, fault) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
-    ["checkpoint-swap:1", "checkpoint-prune:1", "rename:events.jsonl:1", "rename:r-step000006.safetensors:1"],
+    [
+        "checkpoint-swap:1",
+        "rename:export_metadata.json:1",
+        "rename:events.jsonl:1",
+        "rename:r-step000006.safetensors:1",
+    ],
 )
 def test_kill_at_each_point_of_resuming_a_finished_run(tmp_path, reference, fault) -> None:
     run_dir = tmp_path / "r"
