@@ -271,10 +271,14 @@ def checkpoint_lora_and_average(folder: Path) -> tuple[dict[str, torch.Tensor], 
     document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     lora = load_file(folder / "lora.safetensors")
     optimizer_tensors = load_file(folder / "optimizer.safetensors")
+    stepped = {
+        key.partition("/")[2] for key in optimizer_tensors
+    }  # a parameter never given a gradient has no state
     info = {}
     for group in document["param_groups"]:
         for name in group["params"]:
             info[name] = {
+                "stepped": name in stepped,
                 "z": optimizer_tensors.get(f"z/{name}"),
                 "beta1": group["betas"][0],
                 "train_mode": group["train_mode"],

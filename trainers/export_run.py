@@ -33,7 +33,7 @@ def eval_mode_lora_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         if entry is None:
             raise _refusal(folder, f"{name} is in lora.safetensors but in no optimizer param group")
         _check_finite(folder, f"lora.safetensors: {name}", y)
-        if not entry["train_mode"]:  # saved in eval mode: y is the average already
+        if not entry["train_mode"] or not entry["stepped"]:  # saved in eval mode, or never moved: y is x
             averaged[name] = y
             continue
         z, beta1 = entry["z"], entry["beta1"]
