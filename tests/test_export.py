@@ -385,8 +385,8 @@ def test_read_lora_metadata_of_a_file_without_metadata(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _failing_save(tensors, filename, metadata=None) -> None:
-    """Stand-in for safetensors' save_file that leaves a truncated file behind and fails."""
+def _failing_save(filename, tensors, metadata=None) -> None:
+    """Stand-in for write_safetensors that leaves a truncated file behind and fails."""
     Path(filename).write_bytes(b"\x08\x00\x00partial")
     raise OSError("disk full")
 
@@ -398,7 +398,7 @@ def test_failed_write_keeps_the_older_file_and_leaves_no_temp(
     target = SAVERS[fmt](tmp_path / "lora.safetensors", trained.components, {"ss_steps": "1"})
     before = target.read_bytes()
 
-    monkeypatch.setattr(export, "save_file", _failing_save)
+    monkeypatch.setattr(export, "write_safetensors", _failing_save)
     with pytest.raises(OSError, match="disk full"):
         SAVERS[fmt](target, trained.components, {"ss_steps": "2"})
 
@@ -411,7 +411,7 @@ def test_failed_write_keeps_the_older_file_and_leaves_no_temp(
 def test_failed_first_write_leaves_nothing(
     trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    monkeypatch.setattr(export, "save_file", _failing_save)
+    monkeypatch.setattr(export, "write_safetensors", _failing_save)
     with pytest.raises(OSError):
         SAVERS[fmt](tmp_path / "out" / "lora.safetensors", trained.components, {})
     assert list((tmp_path / "out").iterdir()) == []

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+from trainers import stop
 
-from trainers.config import ConfigError, load_config
+# first thing, before the imports that take seconds: a Ctrl-C or SIGTERM during start-up stops cleanly
+_CLI_SIGNAL_HANDLERS = stop.install() if __name__ == "__main__" else {}
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from trainers.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print("config problems:\n  " + "\n  ".join(error.problems), file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing file, a full disk before the run began, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
     from trainers import train as training
 
+    try:
+        return _command(args, training)
+    except training.TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace, training) -> int:
     if args.command == "check":
         config = load_config(args.config, args.set)
         problems, summary = training.check(config)

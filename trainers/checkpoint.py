@@ -4,26 +4,30 @@ runs/<name>/checkpoints/step-000250/
     lora.safetensors       the LoRA at the training point y, keys "<component>.<peft key>"
     optimizer.safetensors  per-parameter optimizer state, keys "<key>/<component>.<peft key>"
     trainer_state.json     step, epoch, batch, optimizer param groups, RNG states
-Written into a temporary folder and renamed, so a checkpoint folder is always complete. Nothing is
-unpickled on load.
+Written into a temporary folder and renamed, so a checkpoint folder is always complete; a checkpoint is
+removed only once a newer (or its own replacement) is complete. A folder damaged later (a truncated file) is
+not listed: `list_checkpoints` returns intact checkpoints only. Nothing is unpickled on load.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-from trainers.atomic import atomic_write_folder
+from trainers.atomic import fault_point, remove_path, stale_temporaries, temporary_sibling, write_safetensors
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE_FILE = "trainer_state.json"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
@@ -41,16 +45,71 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of each complete checkpoint, oldest first."""
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-N folder, intact or not, oldest first."""
     folder = Path(run_dir) / CHECKPOINTS
     found = []
     if folder.is_dir():
         for child in folder.iterdir():
             match = _STEP_FOLDER.match(child.name)
-            if match and (child / "trainer_state.json").is_file():
+            if match and child.is_dir():
                 found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder ("<file>: <why>"), or None if it is intact.
+
+    Reads the JSON and each safetensors header only: safe_open checks that the tensors listed in the header
+    cover the file exactly, so a truncated or padded file is caught without reading the weights.
+    """
+    folder = Path(folder)
+    try:
+        document = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        TrainerState(**document["trainer"])
+        if not isinstance(document["param_groups"], list):
+            raise TypeError("param_groups is not a list")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        return f"{folder / STATE_FILE}: unreadable ({type(error).__name__}: {error})"
+    for name in CHECKPOINT_FILES:
+        try:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                handle.keys()
+        except (OSError, SafetensorError) as error:
+            return f"{folder / name}: unreadable ({error})"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each intact checkpoint, oldest first."""
+    return [(step, folder) for step, folder in step_folders(run_dir) if checkpoint_problem(folder) is None]
+
+
+def broken_checkpoints(run_dir: Path) -> list[str]:
+    """What is wrong with each checkpoint newer than the newest intact one (what `resume` skips)."""
+    intact = list_checkpoints(run_dir)
+    newest = intact[-1][0] if intact else -1
+    problems = [checkpoint_problem(folder) for step, folder in step_folders(run_dir) if step > newest]
+    return [p for p in problems if p]
+
+
+def recover_run_folder(run_dir: Path) -> None:
+    """Tidy what killed writes left behind: temporary files and folders of writers that are gone.
+
+    An intact temporary checkpoint folder whose step-N folder is missing (a kill between save_checkpoint's
+    renames: the old one moved aside, the new one complete but not yet in place) is renamed into place,
+    not deleted.
+    """
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "samples", run_dir / "lora"):
+        for path, _ in stale_temporaries(folder):
+            remove_path(path)
+    for path, name in stale_temporaries(run_dir / CHECKPOINTS):
+        target = path.with_name(name)
+        if _STEP_FOLDER.match(name) and not target.exists() and checkpoint_problem(path) is None:
+            os.replace(path, target)
+        else:
+            remove_path(path)
 
 
 def named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
@@ -123,18 +182,52 @@ def save_checkpoint(
     document = {"trainer": asdict(state), "param_groups": groups, "generator_device": str(generator.device)}
 
     def write(folder: Path) -> None:
-        save_file(lora, str(folder / "lora.safetensors"))
-        save_file(optimizer_tensors, str(folder / "optimizer.safetensors"))
-        save_file(rng, str(folder / "rng.safetensors"))
+        write_safetensors(folder / "lora.safetensors", lora)
+        fault_point("checkpoint-write")
+        write_safetensors(folder / "optimizer.safetensors", optimizer_tensors)
+        write_safetensors(folder / "rng.safetensors", rng)
         (folder / "trainer_state.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
 
     target = checkpoint_dir(run_dir, state.step)
-    if target.exists():  # the same step saved again (e.g. stop right after a periodic save)
-        shutil.rmtree(target)
-    atomic_write_folder(target, write)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new = temporary_sibling(target)
+    new.mkdir()
+    try:
+        write(new)
+        _replace_folder(new, target)
+    finally:
+        remove_path(new)
+    _prune(run_dir, keep_last)
     return target
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename the complete folder `new` to `target`; an old `target` (the same step saved again) is moved
+    aside first and deleted last, so a kill at any moment leaves a complete copy (recover_run_folder)."""
+    old = temporary_sibling(target) if target.exists() else None
+    if old is not None:
+        os.replace(target, old)
+        fault_point("checkpoint-swap")
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        remove_path(old)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    """Delete checkpoints older than the newest `keep_last` intact ones (renamed away first, so a
+    half-deleted folder is never taken for a checkpoint)."""
+    kept = list_checkpoints(run_dir)[-keep_last:]
+    for step, folder in step_folders(run_dir):
+        if kept and step < kept[0][0]:
+            doomed = temporary_sibling(folder)
+            os.replace(folder, doomed)
+            fault_point("checkpoint-prune")
+            remove_path(doomed)
 
 
 def load_checkpoint(
@@ -178,10 +271,14 @@ def checkpoint_lora_and_average(folder: Path) -> tuple[dict[str, torch.Tensor], 
     document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     lora = load_file(folder / "lora.safetensors")
     optimizer_tensors = load_file(folder / "optimizer.safetensors")
+    stepped = {
+        key.partition("/")[2] for key in optimizer_tensors
+    }  # a parameter never given a gradient has no state
     info = {}
     for group in document["param_groups"]:
         for name in group["params"]:
             info[name] = {
+                "stepped": name in stepped,
                 "z": optimizer_tensors.get(f"z/{name}"),
                 "beta1": group["betas"][0],
                 "train_mode": group["train_mode"],

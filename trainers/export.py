@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from trainers.atomic import atomic_write
+from trainers.atomic import atomic_write, write_safetensors
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KOHYA_NETWORK_MODULE = "networks.lora"
@@ -330,4 +329,4 @@ def _kohya_network_metadata(modules: list[_LoraModule]) -> dict[str, str]:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write ``tensors`` with ``metadata`` atomically to ``path``; return ``path``."""
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))

@@ -21,18 +21,45 @@ EXPORT_METADATA_FILE = "export_metadata.json"
 
 
 def eval_mode_lora_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's LoRA at the averaged point x, keyed "<component>.<parameter name>"."""
+    """The checkpoint's LoRA at the averaged point x, keyed "<component>.<parameter name>".
+
+    Raises ValueError naming the tensor when the checkpoint cannot give a true average (a missing or
+    misshapen z, beta1 outside (0, 1), a value that is not finite) instead of writing a wrong LoRA.
+    """
     lora, info = checkpoint_lora_and_average(folder)
     averaged = {}
     for name, y in lora.items():
-        entry = info[name]
-        z = entry["z"]
-        if z is None or not entry["train_mode"]:  # never stepped, or saved already in eval mode
+        entry = info.get(name)
+        if entry is None:
+            raise _refusal(folder, f"{name} is in lora.safetensors but in no optimizer param group")
+        _check_finite(folder, f"lora.safetensors: {name}", y)
+        if not entry["train_mode"] or not entry["stepped"]:  # saved in eval mode, or never moved: y is x
             averaged[name] = y
             continue
-        beta1 = entry["beta1"]
+        z, beta1 = entry["z"], entry["beta1"]
+        if z is None:
+            raise _refusal(folder, f"optimizer.safetensors has no z/{name} (needed for the average)")
+        if z.shape != y.shape:
+            raise _refusal(
+                folder, f"z/{name} has shape {tuple(z.shape)} but the LoRA tensor has {tuple(y.shape)}"
+            )
+        _check_finite(folder, f"optimizer.safetensors: z/{name}", z)
+        if not (isinstance(beta1, (int, float)) and 0 < beta1 < 1):
+            raise _refusal(folder, f"beta1 of {name}'s param group is {beta1!r}; it must lie in (0, 1)")
         averaged[name] = (y.float() - (1 - beta1) * z.float()) / beta1
     return averaged
+
+
+def _check_finite(folder: Path, what: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise _refusal(folder, f"{what} holds NaN or infinite values")
+
+
+def _refusal(folder: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"cannot export checkpoint {folder}: {problem}. The checkpoint is damaged or inconsistent; "
+        "export an older one (--checkpoint STEP)."
+    )
 
 
 def lora_components(

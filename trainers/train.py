@@ -7,13 +7,14 @@ that the result equals an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import random
 import resource
-import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ppsf_optim import ProdigyPlusScheduleFree
+from trainers import stop
 from trainers.atomic import atomic_write, atomic_write_text
 from trainers.batches import epoch_batches, steps_per_epoch
 from trainers.cache import (
@@ -34,9 +36,11 @@ from trainers.cache import (
 )
 from trainers.checkpoint import (
     TrainerState,
+    broken_checkpoints,
     list_checkpoints,
     load_checkpoint,
     named_parameters,
+    recover_run_folder,
     restore_python_rng,
     save_checkpoint,
 )
@@ -106,16 +110,23 @@ def train(config: TrainConfig) -> Path:
             ]
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    recover_run_folder(run_dir)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
     return Trainer(config).run(resume_from=None)
 
 
 def resume(run_dir: Path) -> Path:
-    """Continue a run from its newest checkpoint (or start it over if it has none)."""
+    """Continue a run from its newest intact checkpoint (or start it over if it has none)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
+    recover_run_folder(run_dir)
     checkpoints = list_checkpoints(run_dir)
-    return Trainer(config, run_dir=run_dir).run(resume_from=checkpoints[-1][1] if checkpoints else None)
+    resume_from = checkpoints[-1][1] if checkpoints else None
+    warnings = [
+        f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
+        for problem in broken_checkpoints(run_dir)
+    ]
+    return Trainer(config, run_dir=run_dir).run(resume_from, warnings)
 
 
 def check(config: TrainConfig) -> tuple[list[str], str]:
@@ -148,26 +159,60 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.stop_requested = False
+
+    @property
+    def stop_requested(self) -> bool:
+        return stop.requested()
 
     # ------------------------------------------------------------------ the run
-    def run(self, resume_from: Path | None) -> Path:
-        events = EventLog(self.run_dir)
-        self.events = events
-        # a stop asked for while models load is honoured at the first step boundary
-        previous_handlers = self._install_signal_handlers()
+    def run(self, resume_from: Path | None, warnings: Sequence[str] = ()) -> Path:
+        """Train to the end (or to a stop request); `warnings` are reported as events first."""
+        # a stop asked for while models load is honoured before the first step
+        previous_handlers = stop.install()
+        events = None
         try:
+            events = self.events = EventLog(self.run_dir)
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+                events.write("warning", message=warning)
             self._run(resume_from)
         except KeyboardInterrupt:
-            events.write("stopped", message="aborted by a second Ctrl-C", **self._last_checkpoint_info())
+            self._report("stopped", message="aborted by a second Ctrl-C", **self._last_checkpoint_info())
             raise
         except Exception as error:
-            events.write("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
+            if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder, ...
+                raise TrainingError(self._write_failure_message(error)) from None
+            self._report("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
             raise
         finally:
-            self._restore_signal_handlers(previous_handlers)
-            events.close()
+            stop.restore(previous_handlers)
+            if events is not None:
+                with contextlib.suppress(OSError):  # what could not be written is reported already
+                    events.close()
         return self.run_dir
+
+    def _report(self, event_type: str, **fields) -> None:
+        """Write a final event if the disk still takes it (a failed write must not hide the error)."""
+        with contextlib.suppress(OSError, AttributeError):
+            self.events.write(event_type, **fields)
+
+    def _write_failure_message(self, error: OSError) -> str:
+        """One message for a failed write: what failed, the last intact checkpoint, and what to do."""
+        info = self._last_checkpoint_info()
+        what = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        saved = (
+            f"the last intact checkpoint is {info['last_checkpoint']} (step {info['last_checkpoint_step']})"
+            if info["last_checkpoint"]
+            else "no checkpoint was saved yet, so it starts from step 0"
+        )
+        message = (
+            f"training stopped: {'the disk is full: ' if full else ''}{what}. {saved}. "
+            f"{'Free space' if full else 'Fix that (free space, folder permissions)'}, "
+            f"then continue with `python -m trainers resume {self.run_dir}`."
+        )
+        self._report("error", message=message, **info)
+        return message
 
     def _run(self, resume_from: Path | None) -> None:
         config = self.config
@@ -187,6 +232,8 @@ class Trainer:
             resumed_from=str(resume_from) if resume_from else None,
             device=str(self.device),
         )
+        if self._stopped_before_the_first_step():
+            return
 
         local_model = config.model.model_copy(update={"path": resolve_model_path(config.model.path)})
         adapter = adapter_for(config.model.family)(
@@ -218,12 +265,14 @@ class Trainer:
             _Session(adapter, optimizer, params, generator, rng, state, data, total_steps, latents, texts)
         )
 
+    def _stopped_before_the_first_step(self, **step) -> bool:
+        if self.stop_requested:
+            self.events.write("stopped", message="stopped before the first step; nothing to save", **step)
+        return self.stop_requested
+
     def _loop(self, run: _Session) -> None:
         config, state = self.config, run.state
-        if self.stop_requested:
-            self.events.write(
-                "stopped", step=state.step, message="stopped before the first step; nothing to save"
-            )
+        if self._stopped_before_the_first_step(step=state.step):
             return
         progress = tqdm(
             total=run.total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
@@ -528,28 +577,6 @@ class Trainer:
             "ppsf_group_names": self.group_names,
         }
         atomic_write_text(self.run_dir / EXPORT_METADATA_FILE, json.dumps(metadata, indent=1))
-
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self):
-        def request_stop(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            print(
-                "\nstopping after this step (saving a checkpoint); press Ctrl-C again to abort",
-                file=sys.stderr,
-            )
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread may set handlers
-                previous[sig] = signal.signal(sig, request_stop)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
