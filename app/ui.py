@@ -355,9 +355,8 @@ def _plots(prefix: str) -> list[gr.LinePlot]:
 PLOT_TITLES = ("Loss", "Prodigy's d per group", "Applied learning rate d·lr per group")
 
 
-def _plot_frames(events: list[dict]) -> list[pd.DataFrame | None]:
-    """Loss, d and d·lr tables; None for an empty one (an empty table would fix an empty legend)."""
-    frames = [view.loss_frame(events), view.d_frame(events), view.lr_frame(events)]
+def _plot_frames(frames: list[pd.DataFrame]) -> list[pd.DataFrame | None]:
+    """The snapshot's loss, d and d·lr tables; None for an empty one (an empty table would fix an empty legend)."""
     return [frame if len(frame) else None for frame in frames]
 
 
@@ -451,7 +450,7 @@ def _refresh_run(ctx: UiContext, current: str, signature: str, keys: list[str]) 
         yield [skip] * 11
         return
     snap = snapshot(run_dir, LOG_LINES)
-    frames = _plot_frames(snap.events)
+    frames = _plot_frames(snap.frames)
     new_keys = _series_keys(run_dir, frames)
     if new_keys != keys:
         yield [*[skip] * 6, *_plot_resets(new_keys, keys), skip, skip]
@@ -558,7 +557,7 @@ def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
     notices = view.notices_markdown(snap.events, snap.state)
     return [
         "\n\n".join(text + ([notices] if notices else [])),
-        *_plot_frames(snap.events),
+        *_plot_frames(snap.frames),
         view.sample_images(snap.events),
         config_path.read_text(encoding="utf-8") if config_path.is_file() else "(no config.toml yet)",
     ]
