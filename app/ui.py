@@ -106,7 +106,29 @@ def build_ui(
             show_progress="hidden",
             api_visibility="undocumented",
         )
+
+        def release_page(request: gr.Request) -> None:
+            _release_session(demo, request.session_hash)
+
+        demo.unload(release_page)
     return demo
+
+
+def _release_session(demo: gr.Blocks, session_hash: str | None) -> None:
+    """Forget a closed page's session at once.
+
+    Gradio 6.31 keeps every session's state, including the last value sent to each output (the plots), until
+    10,000 sessions have been opened; closing a page only schedules its gr.State values for deletion an
+    hour later. This page's state is only which run it shows, which the run folder can tell again, so a page
+    that comes back gets a fresh session showing the running or newest run.
+    """
+    holder = getattr(demo, "state_holder", None)
+    if holder is None or session_hash is None or session_hash not in holder:
+        return
+    holder.delete_state(session_hash)  # runs the gr.State delete callbacks
+    with holder.lock:
+        holder.session_data.pop(session_hash, None)
+        holder.time_last_used.pop(session_hash, None)
 
 
 # ---------------------------------------------------------------- Setup tab
