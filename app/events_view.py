@@ -30,6 +30,8 @@ KEEP_LAST = 200  # the newest points of a series, drawn at full resolution
 
 
 # ---------------------------------------------------------------- plot tables
+# loss_frame, d_frame and lr_frame define the tables from a whole event list; the Run tab draws the same
+# tables from a RunHistory (below), bounded in points and fed incrementally.
 def empty_frame(columns: list[str]) -> pd.DataFrame:
     """An empty plot table with numeric x/y columns: the browser fixes an axis's scale type on first sight."""
     step, value, series = columns
