@@ -234,13 +234,9 @@ def open_and_close_page(url: str) -> None:
     from gradio_client import Client
 
     client = Client(url, verbose=False, analytics_enabled=False)
-    load = next(d for d in client.config["dependencies"] if ["0", "load"] in _targets(d))
+    load = next(d for d in client.config["dependencies"] if "load" in [event for _, event in d["targets"]])
     client.predict(api_name=f"/{load['api_name']}")
     client.close()
-
-
-def _targets(dependency: dict) -> list[list[str]]:
-    return [[str(block), str(event)] for block, event in dependency.get("targets", [])]
 
 
 def checkout(ref: str, into: Path) -> Path:

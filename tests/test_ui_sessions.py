@@ -54,7 +54,7 @@ def test_a_closed_page_releases_its_session(served):
     url, demo = served
     sessions = demo.state_holder.session_data
     client = Client(url, verbose=False, analytics_enabled=False)
-    load = next(d for d in client.config["dependencies"] if [0, "load"] in [list(t) for t in d["targets"]])
+    load = next(d for d in client.config["dependencies"] if "load" in [event for _, event in d["targets"]])
     result = client.predict(api_name=f"/{load['api_name']}")  # the page's first draw
     assert "short" in json.dumps(result, default=str)
     _wait_for(lambda: client.session_hash in sessions, 10, "the page's session")
