@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
@@ -23,9 +25,13 @@ LIFECYCLE = ("start", "resumed", "stopped", "done", "error")
 LOSS_COLUMNS = ["step", "loss", "series"]
 D_COLUMNS = ["step", "d", "series"]
 LR_COLUMNS = ["step", "lr", "series"]
+MAX_POINTS = 1000  # most points drawn per plotted series, however long the run
+KEEP_LAST = 200  # the newest points of a series, drawn at full resolution
 
 
 # ---------------------------------------------------------------- plot tables
+# loss_frame, d_frame and lr_frame define the tables from a whole event list; the Run tab draws the same
+# tables from a RunHistory (below), bounded in points and fed incrementally.
 def empty_frame(columns: list[str]) -> pd.DataFrame:
     """An empty plot table with numeric x/y columns: the browser fixes an axis's scale type on first sight."""
     step, value, series = columns
@@ -291,16 +297,19 @@ def dataset_event(events: list[Event]) -> Event | None:
 # ---------------------------------------------------------------- samples and summary
 def sample_images(events: list[Event], limit: int = 48) -> list[tuple[str, str]]:
     """(path, "step N: prompt") of sample images that exist, newest first, at most `limit`."""
-    images = []
-    for event in events:
+    images: list[tuple[str, str]] = []
+    for event in reversed(events):  # newest first, stopping at the limit: a long run has thousands
         if event.get("type") != "sample":
             continue
         prompts = event.get("prompts") or []
-        for index, path in enumerate(event.get("paths") or []):
+        paths = list(enumerate(event.get("paths") or []))
+        for index, path in reversed(paths):
             prompt = prompts[index] if index < len(prompts) else ""
-            images.append((str(path), f"step {event.get('step')}: {prompt}"))
-    images = [item for item in images if os.path.isfile(item[0])]
-    return images[::-1][:limit]
+            if os.path.isfile(path):
+                images.append((str(path), f"step {event.get('step')}: {prompt}"))
+            if len(images) == limit:
+                return images
+    return images
 
 
 def final_d(events: list[Event]) -> list[float] | None:
@@ -335,3 +344,259 @@ def run_summary(events: list[Event], state: str) -> dict[str, Any]:
 def format_d(values: list[float] | None) -> str:
     """d values as "3.18e-02" (groups separated by commas), "" when unknown."""
     return ", ".join(f"{value:.3g}" for value in values) if values else ""
+
+
+# ---------------------------------------------------------------- long runs: bounded plots, running summaries
+class Bucket:
+    """Consecutive points of a series merged into one: how many, and where its lowest and highest were."""
+
+    __slots__ = ("count", "high", "high_step", "low", "low_step")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.low_step = self.high_step = -1
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, step: int, value: float) -> None:
+        self.count += 1
+        if not math.isfinite(value):
+            return  # a bucket draws its extremes; nan/inf have none (the recent points still show them)
+        if value < self.low:
+            self.low_step, self.low = step, value
+        if value >= self.high:  # on a tie the low stays the first and the high becomes the last point
+            self.high_step, self.high = step, value
+
+    def merge(self, other: Bucket) -> None:
+        self.count += other.count
+        if other.low < self.low:
+            self.low_step, self.low = other.low_step, other.low
+        if other.high >= self.high:
+            self.high_step, self.high = other.high_step, other.high
+
+    def points(self) -> list[tuple[int, float]]:
+        """Its lowest and highest point in step order (one point when they are the same)."""
+        if self.low_step < 0:
+            return []
+        if self.low_step == self.high_step:
+            return [(self.low_step, self.low)]
+        return sorted([(self.low_step, self.low), (self.high_step, self.high)])
+
+
+class MinMaxSeries:
+    """A plotted series of (step, value) that stays under `max_points` points however long it grows.
+
+    The newest `keep_last` points are kept as they are. Older ones go into buckets of `width` points, each
+    drawn as its lowest and highest point, so a spike stays visible. When the buckets no longer fit, each
+    pair of neighbours is merged and the width doubles: memory and drawing cost stay fixed, and adding a
+    point costs O(1) on average. Up to about max_points points nothing is merged away (a bucket of one or
+    two points draws all of them). Pinned steps (the freeze) keep their exact point.
+    """
+
+    def __init__(self, max_points: int = MAX_POINTS, keep_last: int = KEEP_LAST) -> None:
+        self.keep_last = keep_last
+        self.max_buckets = max(2, (max_points - keep_last - 2) // 2)  # 2 points each, + the open bucket
+        self.width = 1
+        self.buckets: list[Bucket] = []
+        self.open = Bucket()
+        self.recent: deque[tuple[int, float]] = deque()
+        self.pins: set[int] = set()
+        self.pinned: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        return sum(b.count for b in self.buckets) + self.open.count + len(self.recent)
+
+    def add(self, step: int, value: float) -> None:
+        """Append the point of the next step (steps must increase)."""
+        self.recent.append((step, value))
+        if len(self.recent) > self.keep_last:
+            self._retire(*self.recent.popleft())
+
+    def pin(self, step: int) -> None:
+        """Keep the exact point of `step` when it leaves the recent points (if it has not already)."""
+        self.pins.add(step)
+
+    def _retire(self, step: int, value: float) -> None:
+        if step in self.pins:
+            self.pinned[step] = value
+        self.open.add(step, value)
+        if self.open.count < self.width:
+            return
+        self.buckets.append(self.open)
+        self.open = Bucket()
+        if len(self.buckets) > self.max_buckets:
+            merged = self.buckets[0::2]
+            for left, right in zip(merged, self.buckets[1::2]):
+                left.merge(right)
+            self.buckets = merged
+            self.width *= 2
+
+    def points(self) -> list[tuple[int, float]]:
+        """The points to draw, in step order."""
+        older: dict[int, float] = {}
+        for bucket in [*self.buckets, self.open]:
+            older.update(bucket.points())
+        older.update(self.pinned)
+        return sorted(older.items()) + list(self.recent)
+
+
+RECENT_STEP_EVENTS = ETA_WINDOW + 1  # what progress() and wall_seconds_per_step() read
+
+
+class RunHistory:
+    """What the Run tab draws and says about a run, kept up to date from its events one batch at a time.
+
+    It holds running summaries, not the events: each plotted series is a bounded MinMaxSeries, and `events`
+    is a short list in file order (every event that is not a step, which are few, plus the newest step
+    events) that the view functions above read as they would read the whole file.
+    """
+
+    def __init__(
+        self, smoothing: float = SMOOTHING, max_points: int = MAX_POINTS, keep_last: int = KEEP_LAST
+    ) -> None:
+        self.smoothing = smoothing
+        self._new_series = lambda: MinMaxSeries(max_points, keep_last)
+        self.raw = self._new_series()
+        self.smoothed = self._new_series()
+        self._ema = (0.0, 0.0)  # (average, weight) of the debiased EMA, see ema()
+        self._last_smoothed: float | None = None
+        self.groups: dict[str, dict[str, MinMaxSeries]] = {"d": {}, "lr": {}}  # key -> group name -> series
+        self.extremes: dict[str, tuple[float, float]] = {
+            "d": (math.inf, -math.inf),
+            "lr": (math.inf, -math.inf),
+        }
+        self.freeze: int | None = None
+        self.last_step: int | None = None
+        self.version = 0  # grows with every change, so a caller can tell whether anything is new
+        self._seq = 0
+        self._others: list[tuple[int, Event]] = []
+        self._recent_steps: deque[tuple[int, Event]] = deque(maxlen=RECENT_STEP_EVENTS)
+
+    @classmethod
+    def from_events(cls, events: list[Event], **kwargs: Any) -> RunHistory:
+        """The history of a whole event list, each step counted once (as step_events does)."""
+        history = cls(**kwargs)
+        history._set_freeze(freeze_step(events))
+        steps = step_events(events)
+        for event in steps:
+            history._plot_step(event)
+        kept = {id(event) for event in steps}
+        for event in events:
+            if _is_step(event):
+                if id(event) in kept:
+                    history._recent_steps.append((history._next_seq(), event))
+            else:
+                history._keep_other(event)
+        history.version += 1
+        return history
+
+    def add(self, events: Iterable[Event]) -> bool:
+        """Take the events that follow those already added. False (and nothing changed past that event) when
+        a step number goes back: that history cannot be undone piecemeal, rebuild it with from_events."""
+        for event in events:
+            if _is_step(event):
+                if self.last_step is not None and event["step"] <= self.last_step:
+                    return False
+                self._plot_step(event)
+                self._recent_steps.append((self._next_seq(), event))
+            else:
+                self._keep_other(event)
+                if event.get("type") == "freeze" and self.freeze is None:
+                    self._set_freeze(freeze_step([event]))
+            self.version += 1
+        return True
+
+    @property
+    def events(self) -> list[Event]:
+        """The kept events in file order: every non-step event and the newest step events."""
+        merged = sorted([*self._others, *self._recent_steps], key=lambda item: item[0])
+        return [event for _, event in merged]
+
+    # ------------------------------------------------------------ plot tables (as loss_frame, d_frame, lr_frame)
+    def loss_frame(self) -> pd.DataFrame:
+        """Columns step, loss, series: "raw" and "smoothed (EMA …)", at most MAX_POINTS rows each."""
+        label = f"smoothed (EMA {self.smoothing:g})"
+        return _long_frame(LOSS_COLUMNS, [("raw", self.raw.points()), (label, self.smoothed.points())])
+
+    def d_frame(self) -> pd.DataFrame:
+        """Prodigy's d per group, and the freeze rule (see group_frame)."""
+        return self._group_frame("d")
+
+    def lr_frame(self) -> pd.DataFrame:
+        """The applied learning rate d·lr per group, and the freeze rule (see group_frame)."""
+        return self._group_frame("lr")
+
+    def _group_frame(self, key: str) -> pd.DataFrame:
+        series = [(name, values.points()) for name, values in self.groups[key].items()]
+        low, high = self.extremes[key]
+        if self.freeze is not None and low <= high:
+            series.append((f"d frozen at step {self.freeze}", [(self.freeze, low), (self.freeze, high)]))
+        return _long_frame(["step", key, "series"], series)
+
+    # ------------------------------------------------------------ intake
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _keep_other(self, event: Event) -> None:
+        self._others.append((self._next_seq(), event))
+
+    def _set_freeze(self, step: int | None) -> None:
+        self.freeze = step
+        if step is None:
+            return
+        for series in [self.raw, self.smoothed, *self.groups["d"].values(), *self.groups["lr"].values()]:
+            series.pin(step)
+
+    def _plot_step(self, event: Event) -> None:
+        step = event["step"]
+        self.last_step = step
+        loss = event.get("loss")
+        if isinstance(loss, int | float):
+            self.raw.add(step, float(loss))
+            self.smoothed.add(step, self._smooth(float(loss)))
+        for group in event.get("groups") or []:
+            for key in ("d", "lr"):
+                value = group.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._group_series(key, str(group.get("name", "group"))).add(step, float(value))
+                    low, high = self.extremes[key]
+                    self.extremes[key] = (min(low, value), max(high, value))
+
+    def _smooth(self, value: float) -> float:
+        """The next value of ema(): the same debiased average, one value at a time."""
+        if not math.isfinite(value):
+            smoothed = value if self._last_smoothed is None else self._last_smoothed
+        else:
+            average, weight = self._ema
+            average = self.smoothing * average + (1 - self.smoothing) * value
+            weight = self.smoothing * weight + (1 - self.smoothing)
+            self._ema = (average, weight)
+            smoothed = average / weight
+        self._last_smoothed = smoothed
+        return smoothed
+
+    def _group_series(self, key: str, name: str) -> MinMaxSeries:
+        if name not in self.groups[key]:
+            series = self.groups[key][name] = self._new_series()
+            if self.freeze is not None:
+                series.pin(self.freeze)
+        return self.groups[key][name]
+
+
+def _is_step(event: Event) -> bool:
+    return event.get("type") == "step" and isinstance(event.get("step"), int)
+
+
+def _long_frame(columns: list[str], series: list[tuple[str, list[tuple[int, float]]]]) -> pd.DataFrame:
+    """A long-format plot table from (series name, points) pairs; numeric columns even when empty."""
+    step, value, name = columns
+    if not any(points for _, points in series):
+        return empty_frame(columns)
+    return pd.DataFrame(
+        {
+            step: pd.Series([x for _, points in series for x, _ in points], dtype="int64"),
+            value: pd.Series([y for _, points in series for _, y in points], dtype="float64"),
+            name: [label for label, points in series for _ in points],
+        }
+    )

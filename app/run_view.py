@@ -1,10 +1,14 @@
-"""What the Run and Runs tabs show about one run folder, read from its files each time.
+"""What the Run and Runs tabs show about one run folder, read from its files.
 
 Glue between the run folder (events, log, pid file) and the pure views in events_view; no Gradio here.
+events.jsonl is read incrementally (only what was appended since the last refresh) into a RunHistory per
+run folder, shared by every page that shows that run.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +16,9 @@ import pandas as pd
 
 from app import events_view as view
 from app.runner import LOG_FILE, list_run_dirs, log_tail, trainer_pid
-from trainers.events import EVENTS_FILE, read_events
+from trainers.events import EVENTS_FILE, EventTail
+
+WATCHED_RUNS = 16  # run folders whose history is kept between refreshes (least recently shown go first)
 
 STATE_WORDS = {
     "running": "running",
@@ -32,8 +38,9 @@ class RunSnapshot:
     run_dir: Path
     state: str
     alive: bool
-    events: list[dict]
+    events: list[dict]  # every event but steps, and the newest steps (see RunHistory.events)
     log: str
+    frames: list[pd.DataFrame]  # loss, d and d·lr plot tables, each series at most MAX_POINTS points
 
     @property
     def title(self) -> str:
@@ -50,8 +57,8 @@ class RunSnapshot:
 
 
 def snapshot(run_dir: Path, log_lines: int = 40) -> RunSnapshot:
-    """Read a run folder's events, log tail and trainer state."""
-    events = read_events(run_dir)
+    """Read a run folder's new events, log tail and trainer state."""
+    events, frames = watch(run_dir).read()
     alive = trainer_pid(run_dir) is not None
     return RunSnapshot(
         run_dir=Path(run_dir),
@@ -59,7 +66,59 @@ def snapshot(run_dir: Path, log_lines: int = 40) -> RunSnapshot:
         alive=alive,
         events=events,
         log=log_tail(run_dir, log_lines),
+        frames=frames,
     )
+
+
+class RunWatch:
+    """A run folder's events.jsonl read incrementally into a RunHistory.
+
+    Each read parses only the lines appended since the last; a rewritten file (resume) starts it over.
+    Pages refresh from several threads at once, so reading and building the plot tables hold a lock, and
+    the tables are built once per change, whichever page asks first.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._tail = EventTail(self.run_dir)
+        self._history = view.RunHistory()
+        self._lock = threading.Lock()
+        self._frames: tuple[int, list[pd.DataFrame]] | None = None  # (history version, tables)
+
+    def read(self) -> tuple[list[dict], list[pd.DataFrame]]:
+        """(the kept events, the loss, d and d·lr plot tables) with every event written so far."""
+        with self._lock:
+            events, restarted = self._tail.read()
+            if restarted:
+                self._history, self._frames = view.RunHistory(), None
+            if not self._history.add(events):
+                # A step repeated without the file being rewritten: count each step once, from the start.
+                self._tail = EventTail(self.run_dir)
+                self._history, self._frames = view.RunHistory.from_events(self._tail.read()[0]), None
+            history = self._history
+            if self._frames is None or self._frames[0] != history.version:
+                self._frames = (
+                    history.version,
+                    [history.loss_frame(), history.d_frame(), history.lr_frame()],
+                )
+            return history.events, self._frames[1]
+
+
+_watches: OrderedDict[Path, RunWatch] = OrderedDict()
+_watches_lock = threading.Lock()
+
+
+def watch(run_dir: Path) -> RunWatch:
+    """The RunWatch of a run folder, one per folder for the whole server."""
+    key = Path(run_dir).resolve()
+    with _watches_lock:
+        if key in _watches:
+            _watches.move_to_end(key)
+        else:
+            _watches[key] = RunWatch(key)
+            while len(_watches) > WATCHED_RUNS:
+                _watches.popitem(last=False)
+        return _watches[key]
 
 
 def change_signature(run_dir: Path | None) -> str:
@@ -78,7 +137,7 @@ def runs_table(runs_dir: Path) -> pd.DataFrame:
     """One row per run under `runs_dir`, newest first: name, state, steps, final d, loss, samples, files."""
     rows = []
     for run_dir in list_run_dirs(runs_dir):
-        events = read_events(run_dir)
+        events, _ = watch(run_dir).read()
         state = view.run_state(events, trainer_pid(run_dir) is not None)
         summary = view.run_summary(events, state)
         total = summary["total_steps"]

@@ -129,12 +129,34 @@ def build_ui(
             show_progress="hidden",
             api_visibility="undocumented",
         )
+
+        def release_page(request: gr.Request) -> None:
+            _release_session(demo, request.session_hash)
+
+        demo.unload(release_page)
     return demo
 
 
 def default_configs_dir(runs_dir: Path) -> Path:
     """configs/ beside the runs folder."""
     return Path(runs_dir).expanduser().resolve().parent / "configs"
+
+
+def _release_session(demo: gr.Blocks, session_hash: str | None) -> None:
+    """Forget a closed page's session at once.
+
+    Gradio 6.31 keeps every session's state, including the last value sent to each output (the plots), until
+    10,000 sessions have been opened; closing a page only schedules its gr.State values for deletion an
+    hour later. This page's state is only which run it shows, which the run folder can tell again, so a page
+    that comes back gets a fresh session showing the running or newest run.
+    """
+    holder = getattr(demo, "state_holder", None)
+    if holder is None or session_hash is None or session_hash not in holder:
+        return
+    holder.delete_state(session_hash)  # runs the gr.State delete callbacks
+    with holder.lock:
+        holder.session_data.pop(session_hash, None)
+        holder.time_last_used.pop(session_hash, None)
 
 
 # ---------------------------------------------------------------- Setup tab
@@ -467,9 +489,8 @@ def _plots(prefix: str) -> list[gr.LinePlot]:
 PLOT_TITLES = ("Loss", "Prodigy's d per group", "Applied learning rate d·lr per group")
 
 
-def _plot_frames(events: list[dict]) -> list[pd.DataFrame | None]:
-    """Loss, d and d·lr tables; None for an empty one (an empty table would fix an empty legend)."""
-    frames = [view.loss_frame(events), view.d_frame(events), view.lr_frame(events)]
+def _plot_frames(frames: list[pd.DataFrame]) -> list[pd.DataFrame | None]:
+    """The snapshot's loss, d and d·lr tables; None for an empty one (an empty table would fix an empty legend)."""
     return [frame if len(frame) else None for frame in frames]
 
 
@@ -578,7 +599,7 @@ def _refresh_run(ctx: UiContext, current: str, signature: str, keys: list[str]) 
         yield [skip] * 11
         return
     snap = snapshot(run_dir, LOG_LINES)
-    frames = _plot_frames(snap.events)
+    frames = _plot_frames(snap.frames)
     new_keys = _series_keys(run_dir, frames)
     if new_keys != keys:
         yield [*[skip] * 6, *_plot_resets(new_keys, keys), skip, skip]
@@ -708,7 +729,7 @@ def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
     notices = view.notices_markdown(snap.events, snap.state)
     return [
         "\n\n".join(text + ([notices] if notices else [])),
-        *_plot_frames(snap.events),
+        *_plot_frames(snap.frames),
         view.sample_images(snap.events),
         config_path.read_text(encoding="utf-8") if config_path.is_file() else "(no config.toml yet)",
     ]

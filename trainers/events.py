@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,74 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
+
+
+class EventTail:
+    """Reads a run's events.jsonl incrementally: each read() parses only the bytes appended since the last.
+
+    Only complete lines count: a line still being written (no newline yet) is left for the next read. When
+    the file was replaced or rewritten (the trainer rewrites it on resume, dropping events after the
+    checkpoint), the next read starts over from the first byte and says so with `restarted`.
+    """
+
+    CHUNK_BYTES = 1 << 20
+    CHECK_BYTES = 64  # the bytes before the offset, compared on each read to notice an in-place rewrite
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / EVENTS_FILE
+        self.offset = 0
+        self._identity: tuple[int, int] | None = None
+        self._before_offset = b""
+
+    def read(self) -> tuple[list[dict[str, Any]], bool]:
+        """(events completed since the last read, whether reading started over from the file's start)."""
+        try:
+            file = self.path.open("rb")
+        except FileNotFoundError:
+            restarted = self.offset > 0 or self._identity is not None
+            self.offset, self._identity, self._before_offset = 0, None, b""
+            return [], restarted
+        with file:
+            restarted = self._same_file(file) is False
+            if restarted:
+                self.offset, self._before_offset = 0, b""
+            self._identity = _identity(file)
+            return self._read_lines(file), restarted
+
+    def _same_file(self, file) -> bool | None:
+        """None before the first read; False when the file is another one or no longer has what was read."""
+        if self._identity is None:
+            return None
+        if _identity(file) != self._identity or os.fstat(file.fileno()).st_size < self.offset:
+            return False
+        file.seek(self.offset - len(self._before_offset))
+        return file.read(len(self._before_offset)) == self._before_offset
+
+    def _read_lines(self, file) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        file.seek(self.offset)
+        pending = b""
+        while chunk := file.read(self.CHUNK_BYTES):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()  # no newline yet: maybe still being written
+            for line in lines:
+                self.offset += len(line) + 1
+                events.extend(_parse_line(line))
+            if lines:
+                complete = b"\n".join(lines) + b"\n"
+                self._before_offset = (self._before_offset + complete)[-self.CHECK_BYTES :]
+        return events
+
+
+def _identity(file) -> tuple[int, int]:
+    stat = os.fstat(file.fileno())
+    return stat.st_dev, stat.st_ino
+
+
+def _parse_line(line: bytes) -> list[dict[str, Any]]:
+    """The event on one line, or nothing for a broken line (as read_events skips it)."""
+    try:
+        event = json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return []
+    return [event]
