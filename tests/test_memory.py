@@ -145,10 +145,11 @@ def test_optimizer_bytes_equal_a_real_optimizer_after_one_step(fused: bool, fact
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         held = tracker.current
-    expected = optimizer_bytes(params, config.optimizer, ["lora_B" in n for n in named]).total
-    reported = sum(entry["state_bytes"] for entry in optimizer.telemetry())
-    assert expected == held
-    assert reported < held  # telemetry counts per-parameter state only, not the step's buffers
+    report = optimizer.telemetry()[0]
+    assert report["step"] == 1 and report["nonfinite_skips"] == 0  # the step really happened
+    expected = optimizer_bytes(params, config.optimizer, ["lora_B" in n for n in named])
+    assert expected.total == held
+    assert expected.state == report["state_bytes"]  # the optimizer's own count of its per-parameter state
 
 
 def test_bundled_sdxl_configs_give_the_published_parameter_counts() -> None:
@@ -214,7 +215,7 @@ def preset_cards() -> list[tuple[Path, int]]:
 def test_every_sdxl_preset_fits_its_card_with_a_margin(preset: Path, card_gb: int) -> None:
     est = estimate(load_config(preset))
     assert est.architecture.startswith("the bundled SDXL base 1.0 configs")
-    assert est.total <= 0.92 * card_gb * GIB, f"{preset.name}: {est.total / GIB:.2f} GiB"
+    assert est.total <= 0.95 * card_gb * GIB, f"{preset.name}: {est.total / GIB:.2f} GiB"
     training = est.phases[1]
     assert training.total > 4.7 * GIB  # at least the bf16 UNet: the estimate is not trivially small
 

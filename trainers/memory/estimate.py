@@ -248,9 +248,11 @@ def _measure_sampling(config: TrainConfig, device_type: str) -> dict:
 
 def _measure_training(config: TrainConfig, device_type: str) -> dict:
     model = _family_model(config, device_type)
-    named = {name: p for params in model.add_lora().values() for name, p in params.items()}
+    by_component = model.add_lora()
+    named = {name: p for params in by_component.values() for name, p in params.items()}
     params = list(named.values())
-    opt = optimizer_bytes(params, config.optimizer, ["lora_B" in name for name in named])
+    zero_init = ["lora_B" in name for name in named]  # peft starts B at zero
+    opt = optimizer_bytes(params, config.optimizer, zero_init, groups=len(by_component))
     emulation = DeviceEmulation(device_type, _autocast_dtype(config))
     gradients, activations, step_peak = _training_step(model, config, params, emulation)
     return {

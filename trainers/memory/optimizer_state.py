@@ -19,7 +19,8 @@ from ppsf_optim.reference import init_state
 from ppsf_optim.tensor_math import RoundingNoise, prodigy_slice
 from trainers.config import OptimizerConfig
 
-FUSED_BUCKET_BYTES = 16 << 20  # attach_fused_backward's default, which the trainer uses
+FUSED_BUCKET_BYTES = 16 << 20
+ACCUMULATOR_BYTES = 12  # GroupAccumulators: numerator, denominator (fp32) and a NaN/inf count (int32)  # attach_fused_backward's default, which the trainer uses
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class OptimizerBytes:
 
 
 def optimizer_bytes(
-    params: list[torch.Tensor], options: OptimizerConfig, zero_init: list[bool]
+    params: list[torch.Tensor], options: OptimizerConfig, zero_init: list[bool], groups: int = 1
 ) -> OptimizerBytes:
     """Bytes ppsf_optim holds for `params` (any device, meta included) after its first step, while Prodigy
     still adapts d (freezing d frees `s` and `p0`). `zero_init[i]` says params[i] starts at zero (LoRA B)."""
@@ -54,7 +55,9 @@ def optimizer_bytes(
         buffers = roles * 4 * max(largest, multi_tensor.MAX_BATCH_ELEMENTS)
         if params[0].dtype != torch.float32:  # stochastic rounding's noise pool (int32, doubled)
             buffers += 2 * RoundingNoise.POOL_SIZE * 4
-    return OptimizerBytes(state=state, step_buffers=stacked_p0 + buffers)
+    d_groups = groups if options.split_groups else 1
+    accumulators = d_groups * ACCUMULATOR_BYTES  # Prodigy's per-step sums, kept on the device
+    return OptimizerBytes(state=state, step_buffers=stacked_p0 + buffers + accumulators)
 
 
 def _group_options(options: OptimizerConfig) -> dict:

@@ -143,20 +143,20 @@ class SDXLMemoryModel(FamilyMemoryModel):
 
     def training_loss(self, batch: int, height: int, width: int) -> torch.Tensor:
         latent_shape = (batch, self.unet.config.in_channels, height // self._scale, width // self._scale)
-        latents = torch.empty(latent_shape, device=self.tensor_device)
-        noise = torch.empty(latent_shape, device=self.tensor_device)
+        latents = torch.randn(latent_shape, device=self.tensor_device)
+        noise = torch.randn(latent_shape, device=self.tensor_device)
         timesteps = torch.zeros(batch, dtype=torch.long, device=self.tensor_device)
         noisy = latents * 0.5 + noise * 0.5  # add_noise: fp32 latents
         if self._text_encoded_each_step():
             with torch.set_grad_enabled(self.config.lora.train_text_encoder):
                 embeds, pooled = self._text(batch)
         else:
-            embeds = torch.empty(
+            embeds = torch.randn(
                 (batch, TOKENS, self.unet.config.cross_attention_dim), device=self.tensor_device
             )
             pooled_dim = self.text_encoder_2.config.projection_dim
-            pooled = torch.empty((batch, pooled_dim), device=self.tensor_device)
-        time_ids = torch.empty((batch, 6), dtype=self.dtype, device=self.tensor_device)
+            pooled = torch.randn((batch, pooled_dim), device=self.tensor_device)
+        time_ids = torch.randn((batch, 6), dtype=self.dtype, device=self.tensor_device)
         prediction = self.unet(
             noisy.to(self.dtype),
             timesteps,
@@ -173,7 +173,7 @@ class SDXLMemoryModel(FamilyMemoryModel):
 
     def encode_image(self, height: int, width: int) -> None:
         with torch.no_grad():
-            pixels = torch.empty((1, 3, height, width), device=self.tensor_device)
+            pixels = torch.randn((1, 3, height, width), device=self.tensor_device)
             self.vae.encode(pixels).latent_dist.sample()
 
     def encode_captions(self, batch: int) -> None:
@@ -184,27 +184,27 @@ class SDXLMemoryModel(FamilyMemoryModel):
         shape = (2, self.unet.config.in_channels, height // self._scale, width // self._scale)  # CFG: 2
         with torch.no_grad():
             self.unet(
-                torch.empty(shape, dtype=self.dtype, device=self.tensor_device),
+                torch.randn(shape, dtype=self.dtype, device=self.tensor_device),
                 torch.zeros(2, dtype=torch.long, device=self.tensor_device),
-                encoder_hidden_states=torch.empty(
+                encoder_hidden_states=torch.randn(
                     (2, TOKENS, self.unet.config.cross_attention_dim),
                     dtype=self.dtype,
                     device=self.tensor_device,
                 ),
                 added_cond_kwargs={
-                    "text_embeds": torch.empty(
+                    "text_embeds": torch.randn(
                         (2, self.text_encoder_2.config.projection_dim),
                         dtype=self.dtype,
                         device=self.tensor_device,
                     ),
-                    "time_ids": torch.empty((2, 6), dtype=self.dtype, device=self.tensor_device),
+                    "time_ids": torch.randn((2, 6), dtype=self.dtype, device=self.tensor_device),
                 },
             )
 
     def decode(self, height: int, width: int) -> None:
         shape = (1, self.vae.config.latent_channels, height // self._scale, width // self._scale)
         with torch.no_grad():
-            self.vae.decode(torch.empty(shape, device=self.tensor_device))
+            self.vae.decode(torch.randn(shape, device=self.tensor_device))
 
 
 def _clip_config(config_class, values: dict):
