@@ -244,3 +244,13 @@ def test_check_verdict_for_a_card_too_small(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "does NOT fit a 0.25 GB card (--vram)" in out
     assert "no change this trainer offers makes it fit" in out
+
+
+def test_estimate_summary_is_markdown_with_the_verdict() -> None:
+    from trainers.memory import estimate_summary
+
+    text = estimate_summary(tiny_config(), vram_gib=8)
+    assert text.startswith("**Estimated peak: ")
+    assert "| part | memory |" in text and "| gradients |" in text
+    assert "fits a 8 GB card (--vram)" in text
+    assert "not yet checked against a real GPU" in text
