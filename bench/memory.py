@@ -210,9 +210,10 @@ def preset_table() -> list[str]:
         est = estimate(load_config(path))
         phases = {phase.name: phase.total / GIB for phase in est.phases}
         card = int(path.stem.split("_")[1].removesuffix("gb"))
+        sampling = f"{phases['sampling']:.2f} GiB" if "sampling" in phases else "no samples"
         rows.append(
             f"| {path.name} | {card} GB | {phases['load and fill caches']:.2f} GiB | {phases['training']:.2f} GiB | "
-            f"{phases.get('sampling', 0):.2f} GiB | {est.total / GIB:.2f} GiB | "
+            f"{sampling} | {est.total / GIB:.2f} GiB | "
             f"{'yes' if est.fits(card * GIB) else 'no'} |"
         )
         print(rows[-1], flush=True)
