@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
     check.add_argument("config", type=Path)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--vram", type=float, metavar="GB", help="card memory to check the estimate against")
     export = commands.add_parser("export", help="write the eval-mode LoRA of a run's checkpoint")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--checkpoint", type=int, help="checkpoint step (default: the newest)")
@@ -60,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace, training) -> int:
     if args.command == "check":
         config = load_config(args.config, args.set)
+        from trainers.memory import print_check
+
+        print_check(config, args.vram)
         problems, summary = training.check(config)
         if problems:
             raise ConfigError(problems)

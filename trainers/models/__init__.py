@@ -14,4 +14,13 @@ def adapter_for(family: str) -> type[ModelAdapter]:
     raise ValueError(f"model.family: unknown family {family!r}; supported: sdxl")
 
 
-__all__ = ["ModelAdapter", "SampleConditioning", "adapter_for"]
+def memory_model_for(family: str) -> type:
+    """The class that builds a family's architecture on the meta device for the memory estimate."""
+    if family == "sdxl":
+        from trainers.models.sdxl_memory import SDXLMemoryModel
+
+        return SDXLMemoryModel
+    raise ValueError(f"model.family: no memory estimate for {family!r}; supported: sdxl")
+
+
+__all__ = ["ModelAdapter", "SampleConditioning", "adapter_for", "memory_model_for"]

@@ -1,0 +1,82 @@
+"""What the memory estimate asks of a model family; trainers/models/<family>_memory.py implements it.
+
+A family builds its real architecture from its configs on the `meta` device and runs the passes the
+trainer runs (training step, encoding, sampling); trainers/memory/estimate.py measures them and composes
+the phases in the trainer's order. Nothing here knows a family by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from trainers.config import TrainConfig
+
+Role = Literal["denoiser", "text_encoder", "image_encoder"]
+
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One frozen model part as the trainer holds it."""
+
+    name: str
+    role: Role
+    params: int
+    bytes: int  # parameters and buffers, at the precision the trainer keeps them in
+    precision: str
+
+
+class FamilyMemoryModel(ABC):
+    """A family's architecture on the meta device, and the passes the trainer runs with it."""
+
+    # where the passes' inputs are made: meta for the estimate; the tests run the same passes on real
+    # CPU modules ("cpu") to check the meta measurement against what a real run holds
+    tensor_device = "meta"
+
+    def __init__(self, config: TrainConfig, device_type: str) -> None:
+        self.config = config
+        self.device_type = device_type
+
+    @property
+    @abstractmethod
+    def architecture_source(self) -> str:
+        """Where the architecture configs came from (shown with the estimate)."""
+
+    @abstractmethod
+    def components(self) -> list[Component]:
+        """The frozen components, with their weight bytes."""
+
+    @abstractmethod
+    def add_lora(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """Inject the configured LoRA into the meta modules, as the adapter does; the trainable parameters
+        by name, per component (in fp32, as the trainer trains them)."""
+
+    @abstractmethod
+    def set_gradient_checkpointing(self, checkpoint: Callable) -> None:
+        """Turn on gradient checkpointing where the adapter does, with `checkpoint` as the function."""
+
+    @abstractmethod
+    def training_loss(self, batch: int, height: int, width: int) -> torch.Tensor:
+        """The loss of one micro-batch (text encoders run here only when they train or are not cached)."""
+
+    @abstractmethod
+    def encode_image(self, height: int, width: int) -> None:
+        """One image to latents, without grad (caching, or each step when latents are not cached)."""
+
+    @abstractmethod
+    def encode_captions(self, batch: int) -> None:
+        """Captions to text conditioning, without grad."""
+
+    @abstractmethod
+    def sample_step(self, height: int, width: int) -> None:
+        """One denoising step of sampling (with classifier-free guidance), without grad."""
+
+    @abstractmethod
+    def decode(self, height: int, width: int) -> None:
+        """Latents of one sample to pixels, without grad."""
