@@ -11,7 +11,15 @@ def adapter_for(family: str) -> type[ModelAdapter]:
         from trainers.models.sdxl import SDXLAdapter
 
         return SDXLAdapter
-    raise ValueError(f"model.family: unknown family {family!r}; supported: sdxl")
+    if family == "flux":
+        from trainers.models.flux import FluxAdapter
+
+        return FluxAdapter
+    if family == "flux2":
+        from trainers.models.flux2 import Flux2Adapter
+
+        return Flux2Adapter
+    raise ValueError(f"model.family: unknown family {family!r}; supported: sdxl, flux, flux2")
 
 
 __all__ = ["ModelAdapter", "SampleConditioning", "adapter_for"]
