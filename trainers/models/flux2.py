@@ -135,6 +135,6 @@ class Flux2Adapter(FlowMatchingAdapter):
     def export_metadata(self) -> dict[str, str]:
         return {
             "ss_base_model_version": f"flux2_klein_{self.size}",  # what ai-toolkit writes for Klein
-            "modelspec.architecture": f"flux-2-klein-{self.size}/lora",
+            "modelspec.architecture": f"Flux.2-klein-{self.size}/lora",  # musubi-tuner's name
             "modelspec.implementation": "https://github.com/black-forest-labs/flux2",
         }
