@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,12 @@ def test_variant_mismatch_names_the_field(models, tmp_path) -> None:
         load_adapter("flux2", models["flux2"], tmp_path, FluxTrainingOptions(variant="klein"))
     with pytest.raises(ValueError, match="lora.train_text_encoder"):
         load_adapter("flux2", models["flux2"], tmp_path, train_text_encoder=True)
+
+
+def test_quantization_without_torchao_says_how_to_install(models, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+    with pytest.raises(ValueError, match="flux.quantize_base = 'int8' needs torchao: pip install torchao"):
+        load_adapter("flux", models["flux"], tmp_path, FluxTrainingOptions(quantize_base="int8"))
 
 
 def test_unknown_target_set_and_unmatched_module_names_name_the_field(models, tmp_path) -> None:
