@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -306,3 +307,76 @@ def test_config_for_the_adapter_is_the_shared_schema(models, tmp_path) -> None:
     config = make_config(models["flux"], tmp_path)
     adapter = FluxAdapter(config, CPU)  # no options given: the [flux] section's defaults
     assert adapter.options == FluxTrainingOptions()
+
+
+# ---------------------------------------------------------------- the objective, as the diffusers examples write it
+def _example_sigmas(generator: torch.Generator, batch: int, tokens: int) -> torch.Tensor:
+    """logit-normal(0, 1) u, shifted by e^mu with mu = calculate_shift(tokens) (the scheduler's time_shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", batch, 0.0, 1.0, generator=generator)
+    mu = calculate_shift(tokens)
+    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+
+
+def test_flux1_loss_is_the_diffusers_example_objective(models, tmp_path) -> None:
+    from diffusers import FluxPipeline
+
+    adapter = load_adapter("flux", models["flux"], tmp_path, FluxTrainingOptions(guidance=2.0))
+    latents, text = demo_batch(adapter)
+    adapter.offload_encoders()
+    ours = adapter.training_loss(latents, text, None, torch.Generator().manual_seed(11))
+
+    generator = torch.Generator().manual_seed(11)
+    noise = torch.randn(latents.shape, generator=generator)  # the example draws noise first, then u
+    batch, channels, height, width = latents.shape
+    sigmas = _example_sigmas(generator, batch, (height // 2) * (width // 2)).view(-1, 1, 1, 1)
+    noisy = (1 - sigmas) * latents + sigmas * noise
+    packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+    with torch.no_grad():
+        prediction = adapter.pipe.transformer(
+            hidden_states=packed,
+            timestep=sigmas.flatten() * 1000 / 1000,
+            guidance=torch.full((batch,), 2.0),
+            pooled_projections=text["pooled"],
+            encoder_hidden_states=text["prompt_embeds"],
+            txt_ids=torch.zeros(text["prompt_embeds"].shape[1], 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, "cpu", torch.float32
+            ),
+            return_dict=False,
+        )[0]
+    prediction = FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
+    expected = ((prediction - (noise - latents)) ** 2).reshape(batch, -1).mean(dim=1)
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_klein_loss_is_the_diffusers_example_objective(models, tmp_path) -> None:
+    adapter = load_adapter(
+        "flux2", models["flux2"], tmp_path, FluxTrainingOptions(loss_weighting="sigma_sqrt")
+    )
+    latents, text = demo_batch(adapter)
+    adapter.offload_encoders()
+    ours = adapter.training_loss(latents, text, None, torch.Generator().manual_seed(11))
+
+    generator = torch.Generator().manual_seed(11)
+    noise = torch.randn(latents.shape, generator=generator)
+    batch, _, height, width = latents.shape
+    sigmas = _example_sigmas(generator, batch, height * width).view(-1, 1, 1, 1)
+    noisy = (1 - sigmas) * latents + sigmas * noise
+    image_ids = Flux2KleinPipeline._prepare_latent_ids(noisy)
+    with torch.no_grad():
+        prediction = adapter.pipe.transformer(
+            hidden_states=Flux2KleinPipeline._pack_latents(noisy),
+            encoder_hidden_states=text["prompt_embeds"],
+            timestep=sigmas.flatten(),
+            img_ids=image_ids,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(text["prompt_embeds"]),
+            guidance=None,
+            return_dict=False,
+        )[0]
+    prediction = Flux2KleinPipeline._unpack_latents_with_ids(prediction, image_ids)  # scatter by position id
+    weight = sigmas.flatten() ** -2.0  # compute_loss_weighting_for_sd3("sigma_sqrt")
+    expected = weight * ((prediction - (noise - latents)) ** 2).reshape(batch, -1).mean(dim=1)
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=1e-6)
