@@ -19,6 +19,7 @@ from trainers.export_flux import (
     FLUX1_MLP_RATIO,
     FusedTarget,
     fuse,
+    lora_writer,
     save_flux1_kohya_lora,
     save_klein_bfl_lora,
 )
@@ -314,3 +315,13 @@ def test_klein_refuses_a_text_encoder_component(models, tmp_path) -> None:
     components.append(LoraComponent("text_encoder", components[0].state_dict, components[0].config))
     with pytest.raises(ValueError, match="text-encoder"):
         save_klein_bfl_lora(tmp_path / "klein.safetensors", components, {})
+
+
+def test_each_family_and_format_has_its_writer() -> None:
+    assert lora_writer("flux", "kohya") is save_flux1_kohya_lora
+    assert lora_writer("flux2", "kohya") is save_klein_bfl_lora
+    assert lora_writer("flux2", "diffusers") is save_diffusers_lora
+    with pytest.raises(ValueError, match="saving.formats"):
+        lora_writer("flux", "comfy")
+    with pytest.raises(ValueError, match="model.family"):
+        lora_writer("flux3", "kohya")

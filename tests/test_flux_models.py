@@ -380,3 +380,13 @@ def test_klein_loss_is_the_diffusers_example_objective(models, tmp_path) -> None
     weight = sigmas.flatten() ** -2.0  # compute_loss_weighting_for_sd3("sigma_sqrt")
     expected = weight * ((prediction - (noise - latents)) ** 2).reshape(batch, -1).mean(dim=1)
     torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_target_modules_are_known_without_loading_the_model() -> None:
+    from trainers.models import transformer_target_modules
+    from trainers.models.flux import TARGET_SETS
+
+    assert transformer_target_modules("flux", FluxTrainingOptions(lora_targets="all")) == TARGET_SETS["all"]
+    assert transformer_target_modules("flux2", FluxTrainingOptions(lora_targets=["to_q"])) == ["to_q"]
+    with pytest.raises(ValueError, match="model.family"):
+        transformer_target_modules("sdxl", FluxTrainingOptions())

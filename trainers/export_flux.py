@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from trainers.export import (
     _LoraModule,
     _prepare,
     kohya_prefix,
+    save_diffusers_lora,
+    save_kohya_lora,
 )
 
 FLUX1_MLP_RATIO = 4  # FluxSingleTransformerBlock: proj_mlp has 4 x hidden outputs
@@ -85,6 +87,24 @@ _BLOCK = re.compile(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
+
+
+LoraWriter = Callable[..., Path]
+
+
+def lora_writer(family: str, fmt: str) -> LoraWriter:
+    """The function that writes `family`'s LoRA in `fmt` ("kohya": the file ComfyUI / A1111 / Forge users load
+    (for Klein the BFL-named diffusion_model. form), "diffusers": for diffusers' load_lora_weights)."""
+    writers: dict[str, dict[str, LoraWriter]] = {
+        "sdxl": {"kohya": save_kohya_lora, "diffusers": save_diffusers_lora},
+        "flux": {"kohya": save_flux1_kohya_lora, "diffusers": save_diffusers_lora},
+        "flux2": {"kohya": save_klein_bfl_lora, "diffusers": save_diffusers_lora},
+    }
+    if family not in writers:
+        raise ValueError(f"model.family: no LoRA export for {family!r}; known: {', '.join(writers)}")
+    if fmt not in writers[family]:
+        raise ValueError(f"saving.formats: unknown LoRA format {fmt!r}; use kohya or diffusers")
+    return writers[family][fmt]
 
 
 def save_flux1_kohya_lora(

@@ -212,7 +212,7 @@ class FlowMatchingAdapter(ModelAdapter):
     """Loading, LoRA placement, quantisation, the loss and sampling that the Flux families share.
 
     A family supplies `_load_pipeline`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
-    cached layout to a velocity in the same layout), `_token_count`, `_target_sets` and the sample defaults.
+    cached layout to a velocity in the same layout), `_token_count` and the sample defaults (its named LoRA target sets are the module's TARGET_SETS).
     """
 
     family: str
@@ -244,10 +244,6 @@ class FlowMatchingAdapter(ModelAdapter):
     @abstractmethod
     def _token_count(self, latents: torch.Tensor) -> int:
         """Packed image tokens of one latent of this batch (drives the resolution shift)."""
-
-    @abstractmethod
-    def _target_sets(self) -> dict[str, str]:
-        """Named LoRA target sets as PEFT regular expressions over transformer module names."""
 
     @abstractmethod
     def _sample_defaults(self) -> tuple[int, float]:
@@ -318,10 +314,9 @@ class FlowMatchingAdapter(ModelAdapter):
     # ------------------------------------------------------------------ LoRA
     def lora_target_modules(self) -> str | list[str]:
         """PEFT target_modules of the transformer: a named set's regex, or the raw module names."""
-        targets = self.options.lora_targets
-        if isinstance(targets, list):
-            return targets
-        return self._target_sets()[targets]
+        from trainers.models import transformer_target_modules
+
+        return transformer_target_modules(self.family, self.options)
 
     def add_lora(self) -> dict[str, list[torch.nn.Parameter]]:
         lora = self.config.lora

@@ -77,9 +77,6 @@ class FluxAdapter(FlowMatchingAdapter):
     def training_guidance(self) -> float:
         return self.options.guidance if self.options.guidance is not None else DEFAULT_TRAINING_GUIDANCE
 
-    def _target_sets(self) -> dict[str, str]:
-        return TARGET_SETS
-
     def _sample_defaults(self) -> tuple[int, float]:
         return (28, 3.5) if self.variant == "dev" else (4, 0.0)
 

@@ -86,9 +86,6 @@ class Flux2Adapter(FlowMatchingAdapter):
     def max_sequence_length(self) -> int:
         return min(QWEN_TOKENS, self.pipe.tokenizer.model_max_length)
 
-    def _target_sets(self) -> dict[str, str]:
-        return TARGET_SETS
-
     def _sample_defaults(self) -> tuple[int, float]:
         # distilled Klein samples in 4 steps without CFG; the base model as its model card says
         return (4, 1.0) if self.variant == "klein" else (50, 4.0)
