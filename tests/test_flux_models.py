@@ -390,3 +390,20 @@ def test_target_modules_are_known_without_loading_the_model() -> None:
     assert transformer_target_modules("flux2", FluxTrainingOptions(lora_targets=["to_q"])) == ["to_q"]
     with pytest.raises(ValueError, match="model.family"):
         transformer_target_modules("sdxl", FluxTrainingOptions())
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_bf16_base_trains_fp32_lora_under_autocast(family, models, tmp_path) -> None:
+    config = make_config(models[family], tmp_path).model_copy(deep=True)
+    config.training.precision = "bf16"
+    adapter = (FluxAdapter if family == "flux" else Flux2Adapter)(config, CPU, options=FluxTrainingOptions())
+    adapter.load()
+    assert adapter.pipe.transformer.dtype == torch.bfloat16
+    latents, text = demo_batch(adapter)
+    adapter.offload_encoders()
+    params = adapter.add_lora()["transformer"]
+    assert {p.dtype for p in params} == {torch.float32}
+    loss = adapter.training_loss(latents, text, None, torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and loss.dtype == torch.float32
+    assert any(p.grad.abs().sum() > 0 for p in params)
