@@ -407,3 +407,55 @@ def test_bf16_base_trains_fp32_lora_under_autocast(family, models, tmp_path) -> 
     loss.mean().backward()
     assert torch.isfinite(loss).all() and loss.dtype == torch.float32
     assert any(p.grad.abs().sum() > 0 for p in params)
+
+
+def _klein_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Klein transformer state dict under BFL names, as BFL's own files are (fused qkv; the
+    LoRA-bearing layers through the export's rename tables, the rest as diffusers' converter reads them)."""
+    from trainers.export_flux import _KLEIN_DOUBLE_RENAMES, _KLEIN_GLOBAL_RENAMES, _KLEIN_SINGLE_RENAMES
+
+    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}  # fmt: skip
+    single_norms = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+    outer = {
+        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        **{k: v for k, v in _KLEIN_GLOBAL_RENAMES.items()},
+    }  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        module, param = key.rsplit(".", 1)
+        match = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", module)
+        if match is None:
+            if module == "norm_out.linear":  # diffusers keeps (scale, shift), BFL (shift, scale)
+                scale, shift = value.chunk(2)
+                out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
+            else:
+                out[f"{outer[module]}.{param}"] = value
+            continue
+        block, index, rest = match.groups()
+        if block == "single_transformer_blocks":
+            name = {**_KLEIN_SINGLE_RENAMES, **single_norms}[rest]
+            out[f"single_blocks.{index}.{name}.{'scale' if 'norm' in name else param}"] = value
+        elif rest in norms:
+            out[f"double_blocks.{index}.{norms[rest]}.scale"] = value
+        elif rest in _KLEIN_DOUBLE_RENAMES:
+            out[f"double_blocks.{index}.{_KLEIN_DOUBLE_RENAMES[rest]}.{param}"] = value
+        elif rest in ("attn.to_q", "attn.add_q_proj"):
+            stream, names = ("img_attn", ("to_q", "to_k", "to_v")) if rest == "attn.to_q" else (
+                "txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj"))  # fmt: skip
+            parts = [state_dict[f"{block}.{index}.attn.{n}.{param}"] for n in names]
+            out[f"double_blocks.{index}.{stream}.qkv.{param}"] = torch.cat(parts)
+    return out
+
+
+def test_klein_single_file_in_bfl_names_loads(models, tmp_path) -> None:
+    other = make_tiny_klein_pipeline(seed=9).transformer
+    file = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in _klein_to_bfl(other.state_dict()).items()}, str(file))
+    adapter = load_adapter("flux2", file, tmp_path, FluxTrainingOptions(components_path=str(models["flux2"])))
+    loaded = adapter.pipe.transformer.state_dict()
+    assert loaded.keys() == other.state_dict().keys()
+    for name, value in other.state_dict().items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
