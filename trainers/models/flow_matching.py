@@ -212,7 +212,8 @@ class FlowMatchingAdapter(ModelAdapter):
     """Loading, LoRA placement, quantisation, the loss and sampling that the Flux families share.
 
     A family supplies `_load_pipeline`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
-    cached layout to a velocity in the same layout), `_token_count` and the sample defaults (its named LoRA target sets are the module's TARGET_SETS).
+    cached layout to a velocity in the same layout), `_token_count`, `max_sequence_length` and the sample
+    defaults; its named LoRA target sets are its module's TARGET_SETS.
     """
 
     family: str
@@ -224,7 +225,6 @@ class FlowMatchingAdapter(ModelAdapter):
     ) -> None:
         super().__init__(config, device)
         self.options = options if options is not None else flux_options(config)
-        self._quantized = False
 
     # ------------------------------------------------------------------ family hooks
     @abstractmethod
@@ -244,6 +244,11 @@ class FlowMatchingAdapter(ModelAdapter):
     @abstractmethod
     def _token_count(self, latents: torch.Tensor) -> int:
         """Packed image tokens of one latent of this batch (drives the resolution shift)."""
+
+    @property
+    @abstractmethod
+    def max_sequence_length(self) -> int:
+        """Text tokens per caption."""
 
     @abstractmethod
     def _sample_defaults(self) -> tuple[int, float]:
@@ -266,7 +271,6 @@ class FlowMatchingAdapter(ModelAdapter):
                 quantize_linears(getattr(pipe, name), self.options.quantize_text_encoders)
         if self.options.quantize_base != "none":
             quantize_linears(pipe.transformer, self.options.quantize_base, blocks_only=True)
-            self._quantized = True
         # encoders first (for the caches); the transformer takes their place in offload_encoders
         pipe.vae.to(self.device)
         for name in self.text_encoders:
@@ -417,11 +421,13 @@ def check_quantization(options: FluxTrainingOptions, device: torch.device) -> No
             import torchao  # noqa: F401
         except ImportError:
             raise ValueError(f"flux.{field} = {kind!r} needs torchao: pip install torchao") from None
-        if kind == "float8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            raise ValueError(
-                f"flux.{field} = 'float8' needs a GPU with compute capability 8.9 or newer (Ada, Hopper); "
-                "this one has {}.{}: use 'int8'".format(*torch.cuda.get_device_capability(device))
-            )
+        if kind == "float8" and device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 9):
+                raise ValueError(
+                    f"flux.{field} = 'float8' needs a GPU with compute capability 8.9 or newer (Ada, Hopper); "
+                    f"this one has {major}.{minor}: use 'int8'"
+                )
 
 
 def quantize_linears(module: torch.nn.Module, kind: Quantization, blocks_only: bool = False) -> None:
