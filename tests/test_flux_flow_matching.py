@@ -126,6 +126,8 @@ def test_options_reject_bad_values_naming_the_field() -> None:
         FluxTrainingOptions(lora_targets=[])
     with pytest.raises(ValidationError, match="timestep_shift"):
         FluxTrainingOptions(timestep_shift=-1.0)
+    with pytest.raises(ValidationError, match="guidance: schnell has no guidance embedding"):
+        FluxTrainingOptions(variant="schnell", guidance=1.0)
     with pytest.raises(ValidationError, match="quantize_base"):
         FluxTrainingOptions(quantize_base="int4")
 

@@ -18,7 +18,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainers.config import TrainConfig
 from trainers.models.base import ModelAdapter, SampleConditioning
@@ -97,6 +97,12 @@ class FluxTrainingOptions(BaseModel):
         if isinstance(value, float | int) and not isinstance(value, bool) and value <= 0:
             raise ValueError("a fixed shift must be > 0 (1.0 = no shift)")
         return value
+
+    @model_validator(mode="after")
+    def _guidance_only_for_dev(self) -> FluxTrainingOptions:
+        if self.guidance is not None and self.variant in ("schnell", "klein", "klein-base"):
+            raise ValueError(f"guidance: {self.variant} has no guidance embedding; leave guidance empty")
+        return self
 
     @field_validator("lora_targets")
     @classmethod
