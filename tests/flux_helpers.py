@@ -40,12 +40,18 @@ def load_adapter(
     return adapter
 
 
-def demo_batch(adapter: FlowMatchingAdapter, count: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Latents and text of `count` 64 px demo images, encoded by the adapter (as the caches would hold)."""
+def demo_batch(
+    adapter: FlowMatchingAdapter, indices: tuple[int, ...] = (0, 3)
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents and text of demo images `indices` (one size: 0, 3, 6 are 64 x 64, 1, 4 are 96 wide x 64
+    high), encoded by the adapter as the caches would hold them."""
     images, captions = [], []
-    for index in range(count):
-        image, caption = make_demo_image(index * 3)  # every third demo image is 64 x 64
-        pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).view(64, 64, 3).permute(2, 0, 1)
+    for index in indices:
+        image, caption = make_demo_image(index)
+        width, height = image.size
+        pixels = (
+            torch.tensor(list(image.getdata()), dtype=torch.float32).view(height, width, 3).permute(2, 0, 1)
+        )
         images.append(pixels / 127.5 - 1)
         captions.append(caption)
     with torch.no_grad():

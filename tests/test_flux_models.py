@@ -324,7 +324,7 @@ def test_flux1_loss_is_the_diffusers_example_objective(models, tmp_path) -> None
     from diffusers import FluxPipeline
 
     adapter = load_adapter("flux", models["flux"], tmp_path, FluxTrainingOptions(guidance=2.0))
-    latents, text = demo_batch(adapter)
+    latents, text = demo_batch(adapter, (1, 4))  # 96 x 64: a swapped height and width would show
     adapter.offload_encoders()
     ours = adapter.training_loss(latents, text, None, torch.Generator().manual_seed(11))
 
@@ -356,7 +356,7 @@ def test_klein_loss_is_the_diffusers_example_objective(models, tmp_path) -> None
     adapter = load_adapter(
         "flux2", models["flux2"], tmp_path, FluxTrainingOptions(loss_weighting="sigma_sqrt")
     )
-    latents, text = demo_batch(adapter)
+    latents, text = demo_batch(adapter, (1, 4))  # 96 x 64: a swapped height and width would show
     adapter.offload_encoders()
     ours = adapter.training_loss(latents, text, None, torch.Generator().manual_seed(11))
 
