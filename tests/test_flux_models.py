@@ -459,3 +459,28 @@ def test_klein_single_file_in_bfl_names_loads(models, tmp_path) -> None:
     assert loaded.keys() == other.state_dict().keys()
     for name, value in other.state_dict().items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_fused_backward_pass_equals_the_plain_step(family, models, tmp_path) -> None:
+    results = []
+    for fused in (False, True):
+        adapter = load_adapter(family, models[family], tmp_path)
+        latents, text = demo_batch(adapter)
+        adapter.offload_encoders()
+        torch.manual_seed(0)
+        params = adapter.add_lora()["transformer"]
+        adapter.set_gradient_checkpointing()
+        adapter.pipe.transformer.train()
+        optimizer = ProdigyPlusScheduleFree([{"params": params}], lr=1.0, d0=1e-3)
+        if fused:
+            optimizer.attach_fused_backward()
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            adapter.training_loss(latents, text, None, generator).mean().backward()
+            optimizer.step()  # with the fused pass this ends the step the backward pass left open
+            if not fused:
+                optimizer.zero_grad(set_to_none=True)
+        results.append([p.detach().clone() for p in params])
+    for plain, fused_param in zip(*results):
+        torch.testing.assert_close(fused_param, plain, rtol=1e-5, atol=1e-7)
