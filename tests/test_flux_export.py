@@ -325,3 +325,11 @@ def test_each_family_and_format_has_its_writer() -> None:
         lora_writer("flux", "comfy")
     with pytest.raises(ValueError, match="model.family"):
         lora_writer("flux3", "kohya")
+
+
+def test_klein_file_keeps_the_trained_dtype(models, tmp_path) -> None:
+    adapter = _lora_adapter("flux2", models, tmp_path, targets="attention")
+    components = _components(adapter)
+    components[0].state_dict = {k: v.to(torch.bfloat16) for k, v in components[0].state_dict.items()}
+    keys = load_file(save_klein_bfl_lora(tmp_path / "klein-bf16.safetensors", components, {}))
+    assert {t.dtype for t in keys.values()} == {torch.bfloat16}

@@ -158,7 +158,10 @@ def save_klein_bfl_lora(
     for module in klein_bfl_modules(_lora_modules(components[0])):
         scale = module.alpha / module.down.shape[0]
         tensors[f"{KLEIN_PREFIX}{module.path}.lora_A.weight"] = _prepare(module.down, dtype)
-        tensors[f"{KLEIN_PREFIX}{module.path}.lora_B.weight"] = _prepare(module.up.float() * scale, dtype)
+        up = _prepare(
+            module.up.float() * scale, dtype or module.up.dtype
+        )  # folded in fp32, kept in its dtype
+        tensors[f"{KLEIN_PREFIX}{module.path}.lora_B.weight"] = up
     return _atomic_save(tensors, path, {"format": _FORMAT_VALUE, **caller_metadata})
 
 
@@ -252,7 +255,10 @@ def fuse(target: FusedTarget, by_path: Mapping[str, _LoraModule]) -> _LoraModule
             up[row : row + count, column : column + part_rank] = module.up.to(dtype) * factor
             column += part_rank
         row += count
-    return _LoraModule(path=target.name, down=down, up=up, alpha=alpha)
+    # built in fp32 (for the folded factors), returned in the trained dtype like every other module
+    return _LoraModule(
+        path=target.name, down=down.to(trained[0].down.dtype), up=up.to(trained[0].up.dtype), alpha=alpha
+    )
 
 
 def _double_qkv(index: str, stream: str, names: tuple[str, ...]) -> FusedTarget:
