@@ -74,7 +74,7 @@ class FluxTrainingOptions(BaseModel):
     lora_targets: TargetSet | list[str] = Field(
         "attention+mlp",
         description="Transformer modules that get a LoRA: a named set (attention, attention+mlp, all) or a "
-        "list of module names / one regular expression.",
+        "list of module names (each matches that name or any module path ending in .<name>).",
     )
     quantize_base: Quantization = Field(
         "none", description="8-bit frozen transformer weights via torchao (int8 or float8 weight-only)."
