@@ -222,7 +222,7 @@ def test_flux1_kohya_key_names(models, tmp_path) -> None:
     )  # q,k,v + mlp(4h)
     with safe_open(str(file), "pt") as handle:
         header = handle.metadata()
-    assert header["ss_base_model_version"] == "flux1" and header["ss_network_module"] == "networks.lora"
+    assert header["ss_base_model_version"] == "flux1" and header["ss_network_module"] == "networks.lora_flux"
 
 
 def test_flux1_kohya_file_fused_deltas_equal_the_trained_ones(models, tmp_path) -> None:

@@ -23,7 +23,6 @@ import torch
 
 from trainers.export import (
     _FORMAT_VALUE,
-    KOHYA_NETWORK_MODULE,
     LoraComponent,
     _add_kohya_module,
     _atomic_save,
@@ -40,6 +39,7 @@ from trainers.export import (
     save_kohya_lora,
 )
 
+FLUX1_NETWORK_MODULE = "networks.lora_flux"  # what sd-scripts' Flux LoRAs record
 FLUX1_MLP_RATIO = 4  # FluxSingleTransformerBlock: proj_mlp has 4 x hidden outputs
 KLEIN_PREFIX = "diffusion_model."
 
@@ -134,7 +134,7 @@ def save_flux1_kohya_lora(
         written += modules
     header = {
         "format": _FORMAT_VALUE,
-        "ss_network_module": KOHYA_NETWORK_MODULE,
+        "ss_network_module": FLUX1_NETWORK_MODULE,
         **_kohya_network_metadata(written),
         **caller_metadata,
     }

@@ -129,6 +129,7 @@ class FluxAdapter(FlowMatchingAdapter):
     def export_metadata(self) -> dict[str, str]:
         return {
             "ss_base_model_version": "flux1",  # what kohya's sd-scripts writes for Flux.1 LoRAs
+            "ss_network_module": "networks.lora_flux",
             "modelspec.architecture": f"flux-1-{self.variant}/lora",
             "modelspec.implementation": "https://github.com/black-forest-labs/flux",
         }

@@ -132,6 +132,7 @@ class Flux2Adapter(FlowMatchingAdapter):
     def export_metadata(self) -> dict[str, str]:
         return {
             "ss_base_model_version": f"flux2_klein_{self.size}",  # what ai-toolkit writes for Klein
+            "ss_network_module": "networks.lora_flux_2",  # musubi-tuner's Flux.2 LoRA module
             "modelspec.architecture": f"Flux.2-klein-{self.size}/lora",  # musubi-tuner's name
             "modelspec.implementation": "https://github.com/black-forest-labs/flux2",
         }
