@@ -11,7 +11,15 @@ def adapter_for(family: str) -> type[ModelAdapter]:
         from trainers.models.sdxl import SDXLAdapter
 
         return SDXLAdapter
-    raise ValueError(f"model.family: unknown family {family!r}; supported: sdxl")
+    if family == "flux":
+        from trainers.models.flux import FluxAdapter
+
+        return FluxAdapter
+    if family == "flux2":
+        from trainers.models.flux2 import Flux2Adapter
+
+        return Flux2Adapter
+    raise ValueError(f"model.family: unknown family {family!r}; supported: sdxl, flux, flux2")
 
 
 def memory_model_for(family: str) -> type:
@@ -23,4 +31,23 @@ def memory_model_for(family: str) -> type:
     raise ValueError(f"model.family: no memory estimate for {family!r}; supported: sdxl")
 
 
-__all__ = ["ModelAdapter", "SampleConditioning", "adapter_for", "memory_model_for"]
+def transformer_target_modules(family: str, options) -> str | list[str]:
+    """PEFT target_modules of a Flux family's transformer for `options` (a FluxTrainingOptions), without
+    loading the model (export writes them into lora_adapter_metadata)."""
+    if family == "flux":
+        from trainers.models.flux import TARGET_SETS
+    elif family == "flux2":
+        from trainers.models.flux2 import TARGET_SETS
+    else:
+        raise ValueError(f"model.family: {family!r} has no Flux target sets")
+    targets = options.lora_targets
+    return targets if isinstance(targets, list) else TARGET_SETS[targets]
+
+
+__all__ = [
+    "ModelAdapter",
+    "SampleConditioning",
+    "adapter_for",
+    "memory_model_for",
+    "transformer_target_modules",
+]
