@@ -29,6 +29,7 @@ from trainers.atomic import atomic_write_text
 from trainers.checkpoint import list_checkpoints
 from trainers.config import dump_config
 from trainers.events import read_events
+from trainers.memory import estimate_summary
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PRESET = "demo"
@@ -48,6 +49,7 @@ CSS = """
 #log-tail textarea { font-family: var(--font-mono); font-size: 0.85em; white-space: pre; overflow-x: auto; }
 """
 
+MEMORY_PENDING = "**Memory estimate:** measured from the model's architecture once the form is filled in."
 OPTIMIZER_HELP = """\
 **Prodigy's d is the learning rate.** The optimizer estimates it while training: it starts at `d0` and grows
 as long as the gradients say the weights are still far from where they are heading, then levels off.
@@ -113,6 +115,16 @@ def build_ui(
                 _runs_tab(ctx, runs_tab, tabs, current_run)
             with gr.Tab("Export", id="export") as export_tab:
                 _export_tab(ctx, export_tab)
+        # The memory estimate follows the form (bursts of edits collapse into one estimate).
+        gr.on(
+            [field.change for field in setup.fields] + [setup.vram.change],
+            lambda vram, *values: _memory_estimate(ctx, vram, values),
+            [setup.vram, *setup.fields],
+            [setup.memory, run_tab.memory],
+            show_progress="hidden",
+            api_name="memory_estimate",
+            trigger_mode="always_last",
+        )
         # A page reloaded (after a UI restart, say) gets back the form this browser last had.
         demo.load(
             lambda saved: _restore_form(ctx, saved),
@@ -170,6 +182,8 @@ class SetupTab:
     problems: gr.Markdown
     message: gr.Markdown
     saved_form: gr.BrowserState  # the form as this browser last had it (local storage)
+    vram: gr.Number  # the card to judge the memory estimate against
+    memory: gr.Markdown  # the memory estimate of the form's config
 
     def by_key(self, specs: list[form.FieldSpec], key: str) -> Any:
         """The widget of a dotted config key."""
@@ -202,6 +216,14 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
         download = gr.File(label="Saved config", interactive=False, height=110, elem_id="download-toml")
     with gr.Row():
         check = gr.Button("Check", variant="primary", elem_id="check")
+        vram = gr.Number(
+            None,
+            label="GPU memory (GB)",
+            info="Empty: the GPU here, if any. The estimate below says whether the config fits it.",
+            minimum=0,
+            elem_id="vram",
+        )
+    memory = gr.Markdown(MEMORY_PENDING, elem_id="setup-memory")
     message = gr.Markdown(elem_id="setup-message")
     problems = gr.Markdown(elem_id="setup-problems")
     summary = gr.Textbox(label="Dataset summary", lines=4, interactive=False, elem_id="check-summary")
@@ -242,6 +264,8 @@ def _setup_tab(ctx: UiContext) -> SetupTab:
         problems=problems,
         message=message,
         saved_form=saved_form,
+        vram=vram,
+        memory=memory,
     )
     marks = [problems, *section_mds, *accordions]
 
@@ -420,6 +444,16 @@ def _check(ctx: UiContext, values: tuple) -> list[Any]:
     return [summary, *_marks(ctx, problems)]
 
 
+def _memory_estimate(ctx: UiContext, vram: float | None, values: tuple) -> list[str]:
+    """The estimate of the form's config for the Setup page and beside Start (the same text in both)."""
+    config, _ = form.validate_values(list(values), ctx.specs)
+    if config is None:
+        text = "**Memory estimate:** waits for a valid config (Check lists what to fix)."
+    else:
+        text = estimate_summary(config, vram_gib=vram or None)
+    return [text, text]
+
+
 # ---------------------------------------------------------------- Dataset tab
 def _dataset_tab(ctx: UiContext, setup: SetupTab) -> None:
     gr.Markdown("Scans the dataset set on the Setup tab (path, caption extension, resolution, buckets).")
@@ -467,6 +501,7 @@ class RunTab:
     inputs: list[Any]  # current run, change signature, series drawn per plot
     outputs: list[Any]  # what _refresh_run fills
     redraw: Callable[..., Iterator[list[Any]]]
+    memory: gr.Markdown  # the Setup form's memory estimate, shown beside Start
 
 
 def _plots(prefix: str) -> list[gr.LinePlot]:
@@ -534,6 +569,7 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
         )
         kill_yes = gr.Button("Yes, kill it", variant="stop", elem_id="kill-confirm")
         kill_no = gr.Button("No, keep it", elem_id="kill-cancel")
+    memory = gr.Markdown(MEMORY_PENDING, elem_id="run-memory")
     message = gr.Markdown(elem_id="run-message")
     title = gr.Markdown(elem_id="run-title")
     progress = gr.HTML(view.progress_html(view.Progress(0, None, None, None)), elem_id="run-progress")
@@ -579,7 +615,7 @@ def _run_tab(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_sec
     hidden = {"show_progress": "hidden", "api_visibility": "undocumented"}
     gr.Timer(refresh_seconds).tick(refresh, inputs, outputs, **hidden)
     current_run.change(redraw, inputs, outputs, **hidden)
-    return RunTab(inputs=inputs, outputs=outputs, redraw=redraw)
+    return RunTab(inputs=inputs, outputs=outputs, redraw=redraw, memory=memory)
 
 
 def _current(ctx: UiContext, current: str) -> Path | None:

@@ -28,7 +28,7 @@ def detected_card_bytes() -> int | None:
 def card_bytes(vram_gib: float | None) -> tuple[int | None, str]:
     """(card size, how it was chosen): --vram when given, else the detected GPU, else none."""
     if vram_gib is not None:
-        return int(vram_gib * GIB), f"a {vram_gib:g} GB card (--vram)"
+        return int(vram_gib * GIB), f"a {vram_gib:g} GB card"
     detected = detected_card_bytes()
     if detected is not None:
         return detected, f"this GPU ({detected / GIB:.1f} GiB)"
@@ -172,7 +172,9 @@ def estimate_summary(config: TrainConfig, vram_gib: float | None = None) -> str:
         rows,
         "",
     ]
-    if card is not None:
+    if card is None:
+        text.append("No GPU here: enter the card's memory (GB) to see whether it fits.")
+    else:
         text += [line.strip() for line in verdict_lines(config, est, card, card_name)]
     text.append("_Estimated on the meta device; not yet checked against a real GPU._")
     return "\n".join(text)
