@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from app.path_checks import folder_problem
 from trainers.config import DEMO_SCHEME
-from trainers.dataset import DatasetError, assign_buckets, scan_dataset
+from trainers.dataset import DatasetError, assign_buckets, crop_warnings, scan_dataset
 from trainers.paths import DEMO_DATASETS, resolve_dataset_path
 
 THUMBNAIL_SIZE = (192, 192)
@@ -70,6 +70,8 @@ def dataset_overview(
         )
     if scan.skipped:
         lines.append(f"{len(scan.skipped)} files skipped (see below)")
+    warnings = scan.warnings + crop_warnings(scan.items, buckets, float(max_aspect))
+    lines += [f"⚠ {warning}" for warning in warnings]
     if len(scan.items) > limit:
         lines.append(f"showing the first {limit} images")
     return DatasetOverview(

@@ -370,6 +370,23 @@ def test_dataset_overview(tmp_path):
     assert "unknown demo dataset" in dataset_overview("demo://cats").problem
 
 
+def test_dataset_overview_shows_scan_warnings_and_bounds_the_aspect(tmp_path):
+    from PIL import Image
+
+    from trainers.tiny_models import write_demo_dataset
+
+    root = write_demo_dataset(tmp_path / "data", num_images=2)
+    (root / "0_skipped").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "0_skipped" / "left-out.png")
+    Image.new("RGB", (2000, 100)).save(root / "strip.png")
+    overview = dataset_overview(str(root), ".txt", 64, 2.0, True)
+    assert "0_skipped" in overview.summary and "strip.png" in overview.summary
+    # an unbounded aspect once hung the scan; the tab answers with the field's limit instead
+    assert (
+        "dataset.max_aspect must be between 1 and 8" in dataset_overview(str(root), ".txt", 64, 1e30).problem
+    )
+
+
 # ---------------------------------------------------------------- launch rules
 def test_launch_defaults_to_localhost_without_auth():
     settings = settings_from_args([], env={})

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainers.config import MAX_ASPECT
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 METADATA_FILE = "metadata.jsonl"
 CROP_MODES = ("center", "random")
@@ -370,8 +372,8 @@ def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> li
     """
     if step < 1 or resolution < step:
         raise ValueError(f"need resolution >= step >= 1, got resolution={resolution}, step={step}")
-    if max_aspect < 1.0:
-        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    if not 1.0 <= max_aspect <= MAX_ASPECT:  # an unbounded aspect would loop over ~forever widths
+        raise ValueError(f"dataset.max_aspect must be between 1 and {MAX_ASPECT:g}, got {max_aspect:g}")
 
     max_area = resolution * resolution
     side = resolution // step * step
