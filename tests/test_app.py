@@ -441,6 +441,8 @@ def demo_run(tmp_path_factory):
     seen: dict = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PPSF_DEMO_DIR", str(tmp / "demo"))
+        # one thread: two OpenMP threads on a busy 2-core machine ran the demo 40x slower
+        patch.setenv("OMP_NUM_THREADS", "1")
         run_dir = runner.start_run(config)
         try:
             seen["pid"] = runner.trainer_pid(run_dir)
@@ -463,7 +465,7 @@ def demo_run(tmp_path_factory):
             seen["state_after_stop"] = snapshot(run_dir).state
             seen["second_stop"] = runner.stop_run(run_dir)
             runner.resume_run(run_dir)
-            seen["resumed_exited"] = runner.wait_for_exit(run_dir, 180)
+            seen["resumed_exited"] = runner.wait_for_exit(run_dir, 420)
         finally:
             if runner.trainer_pid(run_dir) is not None:
                 runner.stop_run(run_dir)
@@ -473,6 +475,7 @@ def demo_run(tmp_path_factory):
     return seen
 
 
+@pytest.mark.timeout(900)  # includes the demo_run fixture: a real 200-step run, stopped and resumed
 def test_runner_stop_writes_a_checkpoint_and_resume_finishes(demo_run):
     run_dir = demo_run["run_dir"]
     assert demo_run["pid"] is not None
@@ -499,6 +502,7 @@ def test_runner_stop_writes_a_checkpoint_and_resume_finishes(demo_run):
     assert (run_dir / runner.REQUEST_FILE).is_file() and (run_dir / "config.toml").is_file()
 
 
+@pytest.mark.timeout(900)  # may be the first to set up demo_run
 def test_runs_table_and_export(demo_run):
     runs_dir, run_dir = demo_run["runs_dir"], demo_run["run_dir"]
     table = runs_table(runs_dir)

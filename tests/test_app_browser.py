@@ -48,6 +48,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PPSF_DEMO_DIR", str(tmp / "demo"))  # the trainer children inherit it
+        patch.setenv("OMP_NUM_THREADS", "1")  # two OpenMP threads on a busy 2-core machine crawl
         port = _free_port()
         demo = launch(LaunchSettings(port=port, runs_dir=tmp / "runs"), block=False)
         try:

@@ -448,7 +448,7 @@ def _events_until_stop(stop: dict, checkpoint_step: int | None, resumed_from: in
 def test_the_title_names_a_checkpoint_only_when_an_event_says_so(tmp_path, events, words):
     from app.run_view import RunSnapshot
 
-    snap = RunSnapshot(run_dir=tmp_path, state="stopped", alive=False, events=events, log="")
+    snap = RunSnapshot(run_dir=tmp_path, state="stopped", alive=False, events=events, log="", frames=[])
     assert snap.title.startswith(f"**{tmp_path.name}** — {words}")
 
 

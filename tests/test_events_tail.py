@@ -266,7 +266,12 @@ def long_run(tmp_path_factory) -> Path:
 def test_a_refresh_of_a_100k_step_run_draws_a_bounded_number_of_points(long_run):
     from app.ui import UiContext, _refresh_run
 
-    ctx = UiContext(runs_dir=long_run.parent, presets_dir=Path("presets"), allow_parallel_runs=False)
+    ctx = UiContext(
+        runs_dir=long_run.parent,
+        presets_dir=Path("presets"),
+        allow_parallel_runs=False,
+        configs_dir=long_run.parent.parent / "configs",
+    )
     updates = list(_refresh_run(ctx, str(long_run), "", []))
     loss, d, lr = updates[-1][6:9]
     for frame, groups in ((loss, 2), (d, 2), (lr, 2)):
