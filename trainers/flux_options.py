@@ -19,7 +19,8 @@ Quantization = Literal["none", "int8", "float8"]
 class FluxTrainingOptions(BaseModel):
     """What the Flux families need beyond the shared schema (the `[flux]` section of a run config)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict like the rest of the run config (trainers/config.py's _Section): TOML has types
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     variant: Literal["auto", "dev", "schnell", "klein", "klein-base"] = Field(
         "auto",
