@@ -321,6 +321,8 @@ def _family_problems(config: TrainConfig) -> list[str]:
             f"flux.variant: {config.flux.variant!r} is not a {family} variant; use one of "
             f"{', '.join(FLUX_VARIANTS[family])}"
         )
+    if family == "flux2" and config.flux.guidance is not None:
+        problems.append("flux.guidance: Flux.2 Klein has no guidance embedding; leave flux.guidance empty")
     if family == "flux2" and config.lora.train_text_encoder:
         problems.append("lora.train_text_encoder: Klein's Qwen3 text encoder is not trained; set it false")
     return problems
