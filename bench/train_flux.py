@@ -79,7 +79,11 @@ def minimal_loop(model: Path, dataset: Path, steps: int, quantize: str) -> float
         pixels = torch.stack([load_image(i.path, (64, 64), "center", random.Random(0)).pixels for i in items])
         latents = (pipe.vae.encode(pixels).latent_dist.sample() - vae.shift_factor) * vae.scaling_factor
         embeds, pooled, text_ids = pipe.encode_prompt(
-            [i.caption for i in items], None, device="cpu", max_sequence_length=T5_TOKENS["dev"]
+            [i.caption for i in items],
+            None,
+            device="cpu",
+            # the trainer's length: dev's 512 T5 tokens, or fewer where the tokenizer stops sooner
+            max_sequence_length=min(T5_TOKENS["dev"], pipe.tokenizer_2.model_max_length),
         )
     _, channels, height, width = latents.shape
     image_ids = FluxPipeline._prepare_latent_image_ids(BATCH, height // 2, width // 2, "cpu", torch.float32)
