@@ -20,7 +20,14 @@ def test_every_preset_is_a_valid_config(preset: Path) -> None:
 
 
 def test_presets_exist_for_each_vram_size_and_the_demo() -> None:
-    assert {p.stem for p in PRESETS} >= {"demo", "sdxl_24gb", "sdxl_12gb", "sdxl_8gb"}
+    assert {p.stem for p in PRESETS} >= {
+        "demo",
+        "sdxl_24gb",
+        "sdxl_12gb",
+        "sdxl_8gb",
+        "demo-flux",
+        "demo-flux2",
+    }
 
 
 def test_prodigy_steps_as_steps_fraction_or_auto() -> None:

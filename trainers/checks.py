@@ -19,8 +19,6 @@ from trainers.config import DEMO_SCHEME, TrainConfig
 from trainers.paths import DEMO_DATASETS, DEMO_MODELS
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
-# Keys every SDXL single-file checkpoint has: its UNet, and the second (OpenCLIP bigG) text encoder.
-SDXL_KEY_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
 _EXPORT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Layer types peft can put a LoRA on (by their class names, so torch need not be imported to list them).
 _LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
@@ -53,9 +51,10 @@ def path_problems(config: TrainConfig) -> list[str]:
     model = config.model.path
     if model.startswith(DEMO_SCHEME):
         if model.removeprefix(DEMO_SCHEME) not in DEMO_MODELS:
-            problems.append(f"model.path: unknown demo model {model!r}; available: demo://tiny-sdxl")
+            available = ", ".join(DEMO_SCHEME + name for name in sorted(DEMO_MODELS))
+            problems.append(f"model.path: unknown demo model {model!r}; available: {available}")
     else:
-        problems.extend(_model_path_problems(model))
+        problems.extend(_model_path_problems(model, config.model.family))
     dataset = config.dataset.path
     if dataset.startswith(DEMO_SCHEME):
         if dataset.removeprefix(DEMO_SCHEME) not in DEMO_DATASETS:
@@ -69,7 +68,7 @@ def path_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _model_path_problems(model: str) -> list[str]:
+def _model_path_problems(model: str, family: str) -> list[str]:
     path = Path(model).expanduser()
     looks_local = (
         model.endswith((*SINGLE_FILE_SUFFIXES, ".ckpt"))
@@ -84,7 +83,7 @@ def _model_path_problems(model: str) -> list[str]:
         if path.is_file() and path.suffix == ".ckpt":
             return [f"model.path: {path} is a .ckpt (pickle) file; convert it to .safetensors first"]
         if path.is_file():
-            problem = _checkpoint_problem(path)
+            problem = _checkpoint_problem(path, family)
             return [problem] if problem else []
         return []
     if looks_local:
@@ -113,42 +112,21 @@ def _local_model_note(model: str) -> str | None:
     )
 
 
-def _checkpoint_problem(path: Path) -> str | None:
-    """Why a single model file is not an SDXL safetensors checkpoint, from its header alone (no weights)."""
+def _checkpoint_problem(path: Path, family: str) -> str | None:
+    """Why a single model file is not a `family` safetensors model, from its header alone (no weights)."""
     from safetensors import safe_open
+
+    from trainers.models import adapter_for
 
     try:
         with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
             keys = list(file.keys())
     except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
         return (
-            f"model.path: {path} is not a safetensors file ({type(error).__name__}: {error}); give an SDXL "
-            ".safetensors checkpoint or a diffusers folder"
+            f"model.path: {path} is not a safetensors file ({type(error).__name__}: {error}); give "
+            f"{adapter_for(family).model_file_hint} or a diffusers folder"
         )
-    if all(any(key.startswith(prefix) for key in keys) for prefix in SDXL_KEY_PREFIXES):
-        return None
-    return (
-        f"model.path: {path} is not an SDXL checkpoint ({_guess_family(keys)}: no "
-        f"{' / '.join(p + '*' for p in SDXL_KEY_PREFIXES)} tensors); give an SDXL .safetensors checkpoint or "
-        "a diffusers folder"
-    )
-
-
-def _guess_family(keys: list[str]) -> str:
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
-
-    if not keys:
-        return "it holds no tensors"
-    if any(key.startswith(("lora_", "lora_unet_")) or ".lora_" in key or ".lora." in key for key in keys):
-        return "it looks like a LoRA, not a base model"
-    if has("double_blocks.") or has("single_transformer_blocks."):
-        return "it looks like a Flux model"
-    if has("cond_stage_model.") or keys[0].startswith("model.diffusion_model."):
-        return "it looks like a Stable Diffusion 1.x/2.x checkpoint"
-    if any(key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in keys):
-        return "it looks like a diffusers UNet alone; give the whole pipeline folder"
-    return f"{len(keys)} tensors of another kind"
+    return adapter_for(family).check_model_file(path, keys)
 
 
 # ---------------------------------------------------------------- packages and permissions
@@ -211,21 +189,18 @@ def _write_problems(config: TrainConfig) -> list[str]:
 
 # ---------------------------------------------------------------- LoRA targets against the architecture
 def _target_lists(config: TrainConfig) -> list[tuple[str, str, list[str]]]:
-    """(config field, component, module names) of each component that gets a LoRA."""
-    lora = config.lora
-    targets = [("lora.target_modules", "unet", lora.target_modules)]
-    if lora.train_text_encoder:
-        field = "lora.text_encoder_target_modules"
-        targets += [(field, "text_encoder", lora.text_encoder_target_modules)]
-        targets += [(field, "text_encoder_2", lora.text_encoder_target_modules)]
-    return targets
+    """(config field, component, module names) of each component whose LoRA targets are checked."""
+    from trainers.models import adapter_for
+
+    return adapter_for(config.model.family).lora_target_lists(config)
 
 
 def _empty_target_problems(config: TrainConfig) -> list[str]:
     problems = {}
     for field, _, names in _target_lists(config):
         if not [name for name in names if name.strip()]:
-            default = config.lora.model_fields[field.removeprefix("lora.")].default_factory()
+            section, key = field.split(".")
+            default = type(getattr(config, section)).model_fields[key].get_default(call_default_factory=True)
             problems[f"{field}: empty, so nothing would train; name the layers, e.g. {default}"] = None
     return list(problems)
 
@@ -233,7 +208,7 @@ def _empty_target_problems(config: TrainConfig) -> list[str]:
 def _target_problems(config: TrainConfig) -> list[str]:
     problems = {}
     for field, component, names in _target_lists(config):
-        layers = _lora_layers(config.model.path, component)
+        layers = _lora_layers(config.model.family, config.model.path, component)
         if layers is None:
             continue  # no architecture config without weights (a single file, a repo not in the cache)
         for name in names:
@@ -272,7 +247,7 @@ def _rank_warnings(config: TrainConfig) -> list[str]:
     rank = config.lora.rank
     per_layer = []  # (full rank, LoRA parameters) of every targeted layer
     for _, component, names in _target_lists(config):
-        layers = _lora_layers(config.model.path, component)
+        layers = _lora_layers(config.model.family, config.model.path, component)
         if layers is None:
             return []
         for key in _matching_layers([n for n in names if n.strip()], layers):
@@ -290,20 +265,20 @@ def _rank_warnings(config: TrainConfig) -> list[str]:
     ]
 
 
-def _lora_layers(model_path: str, component: str) -> dict[str, tuple[int, int]] | None:
+def _lora_layers(family: str, model_path: str, component: str) -> dict[str, tuple[int, int]] | None:
     """{layer name: (fan_in, fan_out)} of the LoRA-able layers of a component, or None without a config."""
-    source = _architecture_source(model_path, component)
+    source = _architecture_source(family, model_path, component)
     if source is None:
         return None
-    return _layers_of(component, json.dumps(source, sort_keys=True))
+    return _layers_of(family, component, json.dumps(source, sort_keys=True))
 
 
-def _architecture_source(model_path: str, component: str) -> dict[str, Any] | None:
+def _architecture_source(family: str, model_path: str, component: str) -> dict[str, Any] | None:
     """The component's config dict: the demo model's, a local diffusers folder's, or a cached Hub repo's."""
-    if model_path.startswith(DEMO_SCHEME):
-        from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG
+    from trainers.models import adapter_for
 
-        return dict(UNET_CONFIG) if component == "unet" else dict(CLIP_CONFIG)
+    if model_path.startswith(DEMO_SCHEME):
+        return adapter_for(family).component_config(model_path, component)
     local = Path(model_path).expanduser()
     if local.is_file():
         return None  # a single file has no config json; its keys are checked by _checkpoint_problem
@@ -322,22 +297,14 @@ def _architecture_source(model_path: str, component: str) -> dict[str, Any] | No
 
 
 @functools.lru_cache(maxsize=8)
-def _layers_of(component: str, config_json: str) -> dict[str, tuple[int, int]]:
+def _layers_of(family: str, component: str, config_json: str) -> dict[str, tuple[int, int]]:
     """Build the component on the meta device (shapes only, no memory) and list its LoRA-able layers."""
     import torch
 
-    config = json.loads(config_json)
+    from trainers.models import adapter_for
+
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
-
-            model = UNet2DConditionModel.from_config(config)
-        else:
-            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-            text_config = CLIPTextConfig.from_dict(config)
-            model_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-            model = model_class(text_config)
+        model = adapter_for(family).meta_component(component, json.loads(config_json))
     layers = {}
     for name, module in model.named_modules():
         if type(module).__name__ not in _LORA_LAYERS:

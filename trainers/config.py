@@ -13,7 +13,9 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEMO_SCHEME = "demo://"  # demo://tiny-sdxl and demo://shapes are generated on first use
+from trainers.flux_options import FluxTrainingOptions
+
+DEMO_SCHEME = "demo://"  # demo://tiny-sdxl, tiny-flux, tiny-klein and shapes are generated on first use
 MAX_ASPECT = 8.0  # wider buckets are useless for SDXL, and the bucket table grows with the aspect
 MAX_NAME_LENGTH = 100
 
@@ -33,10 +35,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["sdxl"] = Field("sdxl", description="Model family (Flux comes next).")
+    family: Literal["sdxl", "flux", "flux2"] = Field(
+        "sdxl", description="Model family: sdxl, flux (Flux.1 dev / schnell) or flux2 (Flux.2 Klein)."
+    )
     path: str = Field(
         description="Hugging Face repo id, local diffusers folder, or single-file .safetensors checkpoint "
-        "(demo://tiny-sdxl builds a tiny model for trying things out)."
+        "(Flux: a transformer file, with flux.components_path for the rest); demo://tiny-sdxl, "
+        "demo://tiny-flux and demo://tiny-klein build tiny models for trying things out."
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the model predicts; auto reads the model's scheduler config."
@@ -252,6 +257,9 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     saving: SavingConfig = Field(default_factory=SavingConfig)
+    flux: FluxTrainingOptions = Field(
+        default_factory=FluxTrainingOptions, description="Flux.1 / Flux.2 options (model.family flux, flux2)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -274,11 +282,50 @@ class TrainConfig(_Section):
                 "set training.gradient_accumulation = 1 (raise training.batch_size instead) or turn "
                 "optimizer.fused_back_pass off"
             )
+        problems = _family_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+FLUX_VARIANTS = {"flux": ("auto", "dev", "schnell"), "flux2": ("auto", "klein", "klein-base")}
+
+
+def _family_problems(config: TrainConfig) -> list[str]:
+    """Settings that belong to another family, each naming the field and what to set instead."""
+    family = config.model.family
+    if family == "sdxl":
+        if config.flux != FluxTrainingOptions():
+            return ["flux: the [flux] section only applies to model.family flux or flux2; remove it for sdxl"]
+        return []
+    problems = []
+    if config.lora.target_modules != LoraConfig().target_modules:
+        problems.append(
+            f"lora.target_modules: not used by {family}; set flux.lora_targets (attention, attention+mlp, all, "
+            "or a list of module names) and leave lora.target_modules out"
+        )
+    if config.training.min_snr_gamma is not None:
+        problems.append(
+            f"training.min_snr_gamma: SDXL's loss weighting; for {family} use flux.loss_weighting"
+        )
+    if config.training.noise_offset != 0.0:
+        problems.append(f"training.noise_offset: not used by flow matching ({family}); remove it")
+    if config.model.prediction_type != "auto":
+        problems.append(f"model.prediction_type: {family} always predicts the velocity; leave it auto")
+    if config.flux.variant not in FLUX_VARIANTS[family]:
+        problems.append(
+            f"flux.variant: {config.flux.variant!r} is not a {family} variant; use one of "
+            f"{', '.join(FLUX_VARIANTS[family])}"
+        )
+    if family == "flux2" and config.flux.guidance is not None:
+        problems.append("flux.guidance: Flux.2 Klein has no guidance embedding; leave flux.guidance empty")
+    if family == "flux2" and config.lora.train_text_encoder:
+        problems.append("lora.train_text_encoder: Klein's Qwen3 text encoder is not trained; set it false")
+    return problems
 
 
 # ---------------------------------------------------------------- loading and errors

@@ -14,7 +14,8 @@ from peft import LoraConfig as PeftLoraConfig
 
 from trainers.checkpoint import checkpoint_lora_and_average, list_checkpoints
 from trainers.config import TrainConfig, load_config
-from trainers.export import LoraComponent, save_diffusers_lora, save_kohya_lora
+from trainers.export import LoraComponent
+from trainers.export_flux import lora_writer
 from trainers.models.base import TORCH_DTYPES
 
 EXPORT_METADATA_FILE = "export_metadata.json"
@@ -74,12 +75,21 @@ def lora_components(
     lora = config.lora
     components = []
     for component, tensors in by_component.items():
-        targets = (
-            lora.target_modules if component in ("unet", "transformer") else lora.text_encoder_target_modules
-        )
+        targets = _target_modules(config, component)
         peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, target_modules=targets)
         components.append(LoraComponent(name=component, state_dict=tensors, config=peft_config))
     return components
+
+
+def _target_modules(config: TrainConfig, component: str) -> str | list[str]:
+    """The PEFT target_modules `component` was trained with (written into lora_adapter_metadata)."""
+    if component == "unet":
+        return config.lora.target_modules
+    if component == "transformer":
+        from trainers.models import transformer_target_modules
+
+        return transformer_target_modules(config.model.family, config.flux)
+    return config.lora.text_encoder_target_modules
 
 
 def export_checkpoint(
@@ -102,13 +112,9 @@ def export_checkpoint(
     written = []
     stem = f"{config.name}-step{step:06d}"
     for fmt in formats or config.saving.formats:
-        if fmt == "kohya":
-            written.append(save_kohya_lora(run_dir / "lora" / f"{stem}.safetensors", components, metadata))
-        elif fmt == "diffusers":
-            path = run_dir / "lora" / f"{stem}-diffusers.safetensors"
-            written.append(save_diffusers_lora(path, components, metadata))
-        else:
-            raise ValueError(f"format: unknown LoRA format {fmt!r}; use kohya or diffusers")
+        write = lora_writer(config.model.family, fmt)
+        suffix = "-diffusers" if fmt == "diffusers" else ""
+        written.append(write(run_dir / "lora" / f"{stem}{suffix}.safetensors", components, metadata))
     return written
 
 

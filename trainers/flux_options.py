@@ -6,7 +6,7 @@ Kept free of model imports (pydantic only) so that trainers/config.py can import
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,7 +19,8 @@ Quantization = Literal["none", "int8", "float8"]
 class FluxTrainingOptions(BaseModel):
     """What the Flux families need beyond the shared schema (the `[flux]` section of a run config)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict like the rest of the run config (trainers/config.py's _Section): TOML has types
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     variant: Literal["auto", "dev", "schnell", "klein", "klein-base"] = Field(
         "auto",
@@ -85,6 +86,16 @@ class FluxTrainingOptions(BaseModel):
         if self.guidance is not None and self.variant in ("schnell", "klein", "klein-base"):
             raise ValueError(f"guidance: {self.variant} has no guidance embedding; leave guidance empty")
         return self
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _known_target_set(cls, value: object) -> object:
+        # one message instead of pydantic's two (one per member of the union)
+        if isinstance(value, str) and value not in get_args(TargetSet):
+            raise ValueError(
+                f"unknown target set {value!r}; use attention, attention+mlp, all, or a list of module names"
+            )
+        return value
 
     @field_validator("lora_targets")
     @classmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trainers.config import DEMO_SCHEME
 
-DEMO_MODELS = {"tiny-sdxl"}
+DEMO_MODELS = {"tiny-sdxl", "tiny-flux", "tiny-klein"}
 DEMO_DATASETS = {"shapes"}
 
 
@@ -17,14 +17,28 @@ def demo_root() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """demo://tiny-sdxl is built on first use; an existing local path becomes absolute, so no loader can
+    """demo://tiny-sdxl, tiny-flux and tiny-klein are built on first use; an existing local path becomes absolute, so no loader can
     take a relative "models/sdxl" for a Hub repo id; anything else (a repo id) is returned as given."""
     if not path.startswith(DEMO_SCHEME):
         local = Path(path).expanduser()
         return str(local.resolve()) if local.exists() else path
+    name = path.removeprefix(DEMO_SCHEME)
+    return str(_demo_model_builder(name)(demo_root() / name))
+
+
+def _demo_model_builder(name: str):
+    """The function that builds demo model `name` into a folder (imported late: they pull in diffusers)."""
+    if name == "tiny-flux":
+        from trainers.tiny_flux import build_tiny_flux
+
+        return build_tiny_flux
+    if name == "tiny-klein":
+        from trainers.tiny_flux import build_tiny_klein
+
+        return build_tiny_klein
     from trainers.tiny_models import build_tiny_sdxl
 
-    return str(build_tiny_sdxl(demo_root() / path.removeprefix(DEMO_SCHEME)))
+    return build_tiny_sdxl
 
 
 def resolve_dataset_path(path: str) -> Path:

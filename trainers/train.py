@@ -219,6 +219,8 @@ class Trainer:
         problems = config_problems(config)
         if problems:
             raise ConfigError(problems)
+        adapter_class = adapter_for(config.model.family)
+        adapter_class.check_device(config, self.device)  # e.g. an 8-bit format this device cannot run
         for message in config_warnings(config):
             print(f"warning: {message}", file=sys.stderr)
             self.events.write("warning", message=message)
@@ -236,9 +238,7 @@ class Trainer:
             return
 
         local_model = config.model.model_copy(update={"path": resolve_model_path(config.model.path)})
-        adapter = adapter_for(config.model.family)(
-            config.model_copy(update={"model": local_model}), self.device
-        )
+        adapter = adapter_class(config.model_copy(update={"model": local_model}), self.device)
         adapter.load()
         latents, texts = self._fill_caches(adapter, data)
         adapter.offload_encoders()
@@ -562,7 +562,6 @@ class Trainer:
 
         config = self.config
         metadata = {
-            **adapter.export_metadata(),
             "ss_base_model": config.model.path,
             "ss_sd_model_name": Path(config.model.path).name,
             "ss_network_module": "networks.lora",
@@ -575,6 +574,7 @@ class Trainer:
             "ppsf_trainer": "ppsf-trainer",
             "ppsf_trainer_version": __version__,
             "ppsf_group_names": self.group_names,
+            **adapter.export_metadata(),  # the family's own values win (Flux's ss_network_module, ...)
         }
         atomic_write_text(self.run_dir / EXPORT_METADATA_FILE, json.dumps(metadata, indent=1))
 

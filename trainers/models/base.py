@@ -24,6 +24,27 @@ def caption_length_warning(caption: str, tokens: int, limit: int) -> str:
     )
 
 
+def guess_model_kind(keys: list[str]) -> str:
+    """What a safetensors file with tensor names `keys` looks like, for "not a <family> model" messages."""
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
+
+    if not keys:
+        return "it holds no tensors"
+    if any(key.startswith(("lora_", "lora_unet_")) or ".lora_" in key or ".lora." in key for key in keys):
+        return "it looks like a LoRA, not a base model"
+    if has("double_stream_modulation_img."):
+        return "it looks like a Flux.2 (Klein) model"
+    if has("double_blocks.") or has("single_transformer_blocks."):
+        return "it looks like a Flux model"
+    if has("cond_stage_model.") or keys[0].startswith("model.diffusion_model."):
+        return "it looks like a Stable Diffusion 1.x/2.x checkpoint"
+    if any(key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in keys):
+        return "it looks like a diffusers UNet alone; give the whole pipeline folder"
+    return f"{len(keys)} tensors of another kind"
+
+
 @dataclass(frozen=True)
 class SampleConditioning:
     """Per-image facts some families condition on (SDXL's micro-conditioning)."""
@@ -95,6 +116,35 @@ class ModelAdapter(ABC):
     @abstractmethod
     def set_gradient_checkpointing(self) -> None:
         """Turn on (non-reentrant) gradient checkpointing for the trained modules."""
+
+    # ------------------------------------------------------------------ checks before loading
+    model_file_hint: str  # what a single model file of this family is, for messages ("an SDXL ...")
+
+    @classmethod
+    def check_device(cls, config: TrainConfig, device: torch.device) -> None:
+        """Raise naming the field when `device` cannot run what the config asks (nothing is loaded yet)."""
+        return None  # SDXL needs nothing the config can ask a device for
+
+    @classmethod
+    @abstractmethod
+    def check_model_file(cls, path: Path, keys: list[str]) -> str | None:
+        """Why a single .safetensors file with tensor names `keys` is not this family's model, or None."""
+
+    @classmethod
+    @abstractmethod
+    def lora_target_lists(cls, config: TrainConfig) -> list[tuple[str, str, list[str]]]:
+        """(config field, component, module names) of each component whose raw target names can be
+        checked against the architecture (a family's named target sets need no check)."""
+
+    @classmethod
+    @abstractmethod
+    def component_config(cls, model_path: str, component: str) -> dict | None:
+        """A demo:// model's component config (None for other paths: read from the folder or Hub cache)."""
+
+    @classmethod
+    @abstractmethod
+    def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
+        """`component` built from its config dict (call under torch.device("meta") for shapes only)."""
 
     @staticmethod
     def is_single_file(path: str) -> bool:

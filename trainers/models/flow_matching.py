@@ -149,6 +149,48 @@ class FlowMatchingAdapter(ModelAdapter):
         super().__init__(config, device)
         self.options = options if options is not None else flux_options(config)
 
+    # ------------------------------------------------------------------ checks before loading
+    # tensor-name prefixes a single transformer file of this family has (BFL or diffusers naming), and
+    # prefixes that mark the other Flux family
+    file_key_prefixes: tuple[str, ...] = ()
+    foreign_key_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def check_device(cls, config: TrainConfig, device: torch.device) -> None:
+        check_quantization(config.flux, device)
+
+    @classmethod
+    def check_model_file(cls, path: Path, keys: list[str]) -> str | None:
+        def has(prefix: str) -> bool:
+            return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
+
+        if any(has(prefix) for prefix in cls.file_key_prefixes) and not any(
+            has(prefix) for prefix in cls.foreign_key_prefixes
+        ):
+            return None
+        from trainers.models.base import guess_model_kind
+
+        return (
+            f"model.path: {path} is not a {cls.family} transformer ({guess_model_kind(keys)}: no "
+            f"{' / '.join(p + '*' for p in cls.file_key_prefixes)} tensors); give the family's transformer "
+            ".safetensors with flux.components_path, or a diffusers folder (or set model.family to the "
+            "model's family)"
+        )
+
+    @classmethod
+    def lora_target_lists(cls, config: TrainConfig) -> list[tuple[str, str, list[str]]]:
+        targets = config.flux.lora_targets
+        # a named set is this module's own regex, so only a raw module list can name a missing layer
+        return [("flux.lora_targets", "transformer", targets)] if isinstance(targets, list) else []
+
+    @classmethod
+    def component_config(cls, model_path: str, component: str) -> dict | None:
+        return None  # the tiny demo models are built as folders; their configs are read from there
+
+    @classmethod
+    def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
+        return cls.transformer_class.from_config(config)
+
     # ------------------------------------------------------------------ family hooks
     @abstractmethod
     def _load_pipeline(self) -> Any:
@@ -343,7 +385,7 @@ def check_quantization(options: FluxTrainingOptions, device: torch.device) -> No
         try:
             import torchao  # noqa: F401
         except ImportError:
-            raise ValueError(f"flux.{field} = {kind!r} needs torchao: pip install torchao") from None
+            raise ValueError(f"flux.{field} = {kind!r} needs torchao: pip install torchao==0.18.0 (in requirements.txt)") from None
         if kind == "float8" and device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             if (major, minor) < (8, 9):
