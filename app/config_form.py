@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("optimizer", "Optimizer"),
     ("sampling", "Sampling"),
     ("saving", "Saving"),
+    ("flux", "Flux (model.family flux or flux2)"),
 ]
 RUN_SECTION = "run"
 

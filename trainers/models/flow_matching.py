@@ -385,7 +385,9 @@ def check_quantization(options: FluxTrainingOptions, device: torch.device) -> No
         try:
             import torchao  # noqa: F401
         except ImportError:
-            raise ValueError(f"flux.{field} = {kind!r} needs torchao: pip install torchao==0.18.0 (in requirements.txt)") from None
+            raise ValueError(
+                f"flux.{field} = {kind!r} needs torchao: pip install torchao==0.18.0 (in requirements.txt)"
+            ) from None
         if kind == "float8" and device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             if (major, minor) < (8, 9):
