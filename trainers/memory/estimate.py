@@ -117,7 +117,8 @@ def _measure(config: TrainConfig, device_type: str) -> dict[str, int | str | lis
 
 
 def _base_key(config: TrainConfig) -> dict:
-    return {"model": config.model.model_dump(mode="json"), "precision": config.training.precision}
+    model, flux = config.model.model_dump(mode="json"), config.flux.model_dump(mode="json")
+    return {"model": model, "precision": config.training.precision, "flux": flux}
 
 
 def _encoding_key(config: TrainConfig) -> dict:
@@ -206,7 +207,7 @@ def _config_for_measuring(key: dict) -> TrainConfig:
         },
         "sampling": {"height": key.get("height"), "width": key.get("width")},
     }
-    for section in ("lora", "optimizer"):
+    for section in ("lora", "optimizer", "flux"):
         if section in key:
             data[section] = key[section]
     return validate_config(data)
