@@ -288,11 +288,16 @@ def estimate_in_a_fresh_process(config: TrainConfig) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_a_cached_estimate_builds_no_model_and_equals_the_measured_one() -> None:
+def test_a_cached_estimate_builds_no_model_and_equals_the_measured_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Once measured, an estimate is read from the disk cache: no model library is imported (so no model
     is built), and it is the estimate the measurement gave."""
     import dataclasses
+    import importlib
 
+    estimate_module = importlib.import_module("trainers.memory.estimate")  # the package exports the function
+    monkeypatch.setattr(estimate_module, "_MEMORY_CACHE", {})  # measured here, into this test's disk cache
     config = tiny_config(sampling={"prompts": ["a"]}, training={"gradient_checkpointing": True})
     measured = estimate(config)
     warm = estimate_in_a_fresh_process(config)
