@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import hashlib
 import inspect
 import json
@@ -187,9 +186,6 @@ def measure(key: str, architecture: Architecture) -> dict:
     """The measurement `key` names, made now (no cache consulted); seconds to a minute."""
     from trainers.memory.measurements import MEASUREMENTS, config_for_measuring
 
-    # the saved-tensor count keys storages by address: garbage of an earlier measurement, freed during
-    # this one, changed it by ~0.05% (a second measurement in one process differed from the first)
-    gc.collect()
     spec = json.loads(key)
     if spec["key"]["architecture"] != architecture_digest(architecture[0]):
         raise ValueError("the architecture given is not the one the key names")
