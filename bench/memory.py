@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/memory.py            # tiny runs and the presets
     HF_HUB_OFFLINE=1 python bench/memory.py --tiny     # tiny runs only
+    HF_HUB_OFFLINE=1 python bench/memory.py --write-bundled  # remeasure trainers/memory/bundled_measurements.json
 
 Measurement (the same for every run): the real trainer (`trainers.train.Trainer`) runs a few steps on the
 CPU under `trainers.memory.measure.LiveTensors`, which counts the bytes of every tensor storage alive,
@@ -19,6 +20,7 @@ in which every component counts in every phase and no CUDA allowances are added.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -220,11 +222,50 @@ def preset_table() -> list[str]:
     return rows
 
 
+def bundled_entries(presets: list[Path], device_type: str = "cuda") -> list[dict]:
+    """Fresh measurements (no cache consulted) of everything `estimate` needs for `presets` on a
+    `device_type` card, as the entries of trainers/memory/bundled_measurements.json."""
+    from trainers.memory.estimate import architecture_of, measure, measurement_keys
+
+    entries: dict[str, dict] = {}
+    for path in presets:
+        config = load_config(path)
+        architecture = architecture_of(config)
+        for key in measurement_keys(config, device_type, architecture[0]):
+            if key not in entries:
+                entries[key] = measure(key, architecture)
+                print(f"{path.name}: measured {json.loads(key)['kind']}", flush=True)
+    return [{"key": key, "result": result} for key, result in sorted(entries.items())]
+
+
+def write_bundled() -> None:
+    from trainers.atomic import atomic_write_text
+    from trainers.memory.estimate import BUNDLED_MEASUREMENTS
+
+    presets = sorted(PRESETS.glob("sdxl_*.toml"))
+    document = {
+        "about": "Meta-device measurements of the bundled SDXL configs at the settings of "
+        + ", ".join(p.name for p in presets)
+        + ", on a CUDA card: `python -m trainers check` uses them instead of measuring again. "
+        "Regenerate with `HF_HUB_OFFLINE=1 python bench/memory.py --write-bundled` when tests/test_memory.py "
+        "says they are stale.",
+        "entries": bundled_entries(presets),
+    }
+    atomic_write_text(BUNDLED_MEASUREMENTS, json.dumps(document, indent=1) + "\n")
+    print(f"wrote {BUNDLED_MEASUREMENTS} ({len(document['entries'])} measurements)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="only the tiny CPU runs")
+    parser.add_argument(
+        "--write-bundled", action="store_true", help="remeasure the presets' bundled measurements"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.write_bundled:
+        write_bundled()
+        return
     print("\n".join(tiny_table()))
     if not args.tiny:
         print()

@@ -4,6 +4,7 @@ published parameter counts, every SDXL preset against its card, and the check co
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -254,3 +255,112 @@ def test_estimate_summary_is_markdown_with_the_verdict() -> None:
     assert "| part | memory |" in text and "| gradients |" in text
     assert "fits a 8 GB card" in text
     assert "not yet checked against a real GPU" in text
+
+
+# ------------------------------------------------------------------ caches and the bundled measurements
+REPO = Path(__file__).resolve().parent.parent
+MODEL_LIBRARIES = ("diffusers", "transformers", "peft")
+ESTIMATE_IN_A_FRESH_PROCESS = """
+import dataclasses, json, sys
+from trainers.config import validate_config
+from trainers.memory import estimate
+est = estimate(validate_config(json.loads(sys.argv[1])))
+imported = [name for name in sys.argv[2:] if name in sys.modules]
+print(json.dumps({"estimate": dataclasses.asdict(est), "imported": imported}))
+"""
+
+
+def estimate_in_a_fresh_process(config: TrainConfig) -> dict:
+    """The estimate of `config` by a new Python process (the disk cache is the test's, see _isolated),
+    and which of the model libraries it imported."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ESTIMATE_IN_A_FRESH_PROCESS, config.model_dump_json(), *MODEL_LIBRARIES],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_cached_estimate_builds_no_model_and_equals_the_measured_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once measured, an estimate is read from the disk cache: no model library is imported (so no model
+    is built), and it is the estimate the measurement gave."""
+    import dataclasses
+    import importlib
+
+    estimate_module = importlib.import_module("trainers.memory.estimate")  # the package exports the function
+    monkeypatch.setattr(estimate_module, "_MEMORY_CACHE", {})  # measured here, into this test's disk cache
+    config = tiny_config(sampling={"prompts": ["a"]}, training={"gradient_checkpointing": True})
+    measured = estimate(config)
+    warm = estimate_in_a_fresh_process(config)
+    assert warm["imported"] == []
+    assert warm["estimate"] == json.loads(json.dumps(dataclasses.asdict(measured)))
+
+
+def test_the_cache_key_follows_the_architecture_not_the_model_path(tmp_path: Path) -> None:
+    """A diffusers folder with the demo model's configs is the same architecture: the measurement is
+    shared; a changed field that shapes the model is a different one."""
+    from trainers.memory.estimate import architecture_of, measurement_keys
+    from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG
+
+    folder = tmp_path / "tiny-sdxl"
+    configs = {
+        "unet": UNET_CONFIG,
+        "vae": VAE_CONFIG,
+        "text_encoder": CLIP_CONFIG,
+        "text_encoder_2": CLIP_CONFIG,
+    }
+    for part, values in configs.items():
+        (folder / part).mkdir(parents=True)
+        saved = {"_name_or_path": str(folder), "_diffusers_version": "0.0", **values}
+        (folder / part / "config.json").write_text(json.dumps(saved))
+    (folder / "model_index.json").write_text("{}")
+
+    def keys(config: TrainConfig) -> list[str]:
+        return measurement_keys(config, "cuda", architecture_of(config)[0])
+
+    demo, local = tiny_config(), tiny_config(model={"path": str(folder)})
+    assert architecture_of(local)[1] != architecture_of(demo)[1]
+    assert keys(local) == keys(demo)
+    wider = json.loads((folder / "unet" / "config.json").read_text())
+    wider["block_out_channels"] = [64, 64]
+    (folder / "unet" / "config.json").write_text(json.dumps(wider))
+    assert all(a != b for a, b in zip(keys(local), keys(demo)))
+    assert keys(tiny_config(model={"prediction_type": "epsilon"})) == keys(demo)  # not measured
+
+
+def test_the_bundled_measurements_cover_every_sdxl_preset() -> None:
+    """`check presets/sdxl_*.toml` measures nothing (and imports no model library) on a new machine."""
+    from trainers.memory.estimate import architecture_of, bundled_measurements, measurement_keys
+
+    for preset, _ in preset_cards():
+        config = load_config(preset)
+        missing = set(measurement_keys(config, "cuda", architecture_of(config)[0])) - set(
+            bundled_measurements()
+        )
+        assert not missing, (
+            f"{preset.name}: trainers/memory/bundled_measurements.json is stale (the measuring code, a "
+            "library or the preset changed); run `HF_HUB_OFFLINE=1 python bench/memory.py --write-bundled`"
+        )
+    fresh = estimate_in_a_fresh_process(load_config(PRESETS / "sdxl_24gb.toml"))  # an empty disk cache
+    assert fresh["imported"] == []
+
+
+@pytest.mark.timeout(900)
+def test_a_bundled_measurement_equals_a_fresh_one() -> None:
+    """The 8 GB preset's training step (LoRA, optimizer state, checkpointed activations) measured again."""
+    from trainers.memory.estimate import architecture_of, bundled_measurements, measure, measurement_keys
+
+    config = load_config(PRESETS / "sdxl_8gb.toml")
+    architecture = architecture_of(config)
+    keys = [k for k in measurement_keys(config, "cuda", architecture[0]) if '"kind": "training"' in k]
+    assert len(keys) == 1
+    assert measure(keys[0], architecture) == bundled_measurements()[keys[0]]

@@ -10,35 +10,29 @@
 The peak is the largest phase, not the sum. Activations and workspaces are measured by running the family's
 real architecture on the meta device (trainers/memory/measure.py); weights and optimizer state are counted.
 On a CPU run nothing moves, so every component counts in every phase.
+
+Measuring takes seconds to a minute, so each measurement is kept under a key of exactly what it depends on
+(`measurement_keys`): found in memory, then in the bundled file (the SDXL presets' settings, shipped in the
+repo), then in the disk cache; a warm estimate reads json files and imports no model library.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from trainers.atomic import atomic_write_text
 from trainers.config import TrainConfig
-from trainers.memory.family import Component, FamilyMemoryModel
-from trainers.memory.measure import (
-    CheckpointInputs,
-    DeviceEmulation,
-    LiveTensors,
-    fused_gradient_buckets,
-    saved_for_backward,
-)
-from trainers.memory.optimizer_state import FUSED_BUCKET_BYTES, optimizer_bytes
-from trainers.models.base import TORCH_DTYPES
+from trainers.memory.family import Component
+from trainers.memory.measurements import Architecture, _training_step  # noqa: F401  (tests use it)
+from trainers.memory.optimizer_state import FUSED_BUCKET_BYTES
 
 # Allowances for what a live-tensor count cannot see; stated, not measured (no GPU has checked them yet).
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context, cuBLAS/cuDNN handles and workspaces (typically 0.3-0.6 GiB)
@@ -103,66 +97,100 @@ class MemoryEstimate:
 
 def estimate(config: TrainConfig, device_type: str = "cuda") -> MemoryEstimate:
     """The peak memory of `config`'s run on a `device_type` ("cuda" or "cpu") device, phase by phase."""
-    return _compose(config, device_type, _measure(config, device_type))
+    architecture = architecture_of(config)
+    measured = {**_measure(config, device_type, architecture), "architecture": architecture[1]}
+    return _compose(config, device_type, measured)
 
 
-# ------------------------------------------------------------------ measuring on the meta device
-def _measure(config: TrainConfig, device_type: str) -> dict[str, int | str | list]:
-    """All measurements `config` needs, each cached on the config fields it depends on."""
-    measured = {**_cached("encoding", _encoding_key(config), device_type)}
-    measured.update(_cached("training", _training_key(config), device_type))
-    if config.sampling.prompts:
-        measured.update(_cached("sampling", _sampling_key(config), device_type))
+# ------------------------------------------------------------------ measurements and their caches
+def architecture_of(config: TrainConfig) -> Architecture:
+    """The family's component configs for `model.path` (read from small json files, no weights)."""
+    from trainers.models import memory_model_for
+
+    return memory_model_for(config.model.family).architecture(config)
+
+
+def _measure(config: TrainConfig, device_type: str, architecture: Architecture) -> dict[str, int | list]:
+    """All measurements `config` needs: from memory, the bundled file, the disk cache, else measured."""
+    measured: dict[str, int | list] = {}
+    for key in measurement_keys(config, device_type, architecture[0]):
+        measured.update(_cached(key, architecture))
     return measured
 
 
-def _base_key(config: TrainConfig) -> dict:
-    model, flux = config.model.model_dump(mode="json"), config.flux.model_dump(mode="json")
-    return {"model": model, "precision": config.training.precision, "flux": flux}
+def measurement_keys(config: TrainConfig, device_type: str, configs: dict[str, dict]) -> list[str]:
+    """The cache keys of the measurements `config` needs: exactly what each measurement depends on (the
+    architecture's digest, not the model's path; the config fields it reads; the measuring code and
+    library versions), as canonical JSON text."""
+    base = {"family": config.model.family, "architecture": architecture_digest(configs)}
+    base["precision"] = config.training.precision
+    base["flux"] = config.flux.model_dump(mode="json")  # variant, targets, quantisation (defaults for SDXL)
+    encoding = {**base, "resolution": config.dataset.resolution}
+    keys = [
+        ("encoding", encoding),
+        (
+            "training",
+            {
+                **encoding,
+                "lora": config.lora.model_dump(mode="json"),
+                "optimizer": config.optimizer.model_dump(mode="json"),
+                "text_each_step": not _text_cached(config),
+                "batch": config.training.batch_size,
+                "checkpointing": config.training.gradient_checkpointing,
+            },
+        ),
+    ]
+    if config.sampling.prompts:
+        height, width = _sample_size(config)
+        keys.append(("sampling", {**base, "height": height, "width": width}))
+    code = code_version(config.model.family)
+    return [
+        json.dumps({"kind": kind, "device": device_type, "key": key, "code": code}, sort_keys=True)
+        for kind, key in keys
+    ]
 
 
-def _encoding_key(config: TrainConfig) -> dict:
-    return {**_base_key(config), "resolution": config.dataset.resolution}
-
-
-def _training_key(config: TrainConfig) -> dict:
-    return {
-        **_encoding_key(config),
-        "lora": config.lora.model_dump(mode="json"),
-        "optimizer": config.optimizer.model_dump(mode="json"),
-        "text_each_step": not _text_cached(config),
-        "batch": config.training.batch_size,
-        "checkpointing": config.training.gradient_checkpointing,
+def architecture_digest(configs: dict[str, dict]) -> str:
+    """The components' configs, less the fields that only record where and by what they were saved
+    (`_name_or_path`, `_diffusers_version`, `transformers_version`, ...): a downloaded model's configs
+    and the bundled copies of the same architecture give the same digest."""
+    shape = {
+        part: {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+        for part, values in configs.items()
     }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sampling_key(config: TrainConfig) -> dict:
-    height, width = _sample_size(config)
-    return {**_base_key(config), "height": height, "width": width}
-
-
-def _cached(kind: str, key: dict, device_type: str) -> dict:
-    """A measurement from memory, else from the disk cache, else measured (and stored in both)."""
-    text = json.dumps(
-        {"kind": kind, "device": device_type, "key": key, "code": _code_version()}, sort_keys=True
-    )
-    if text in _MEMORY_CACHE:
-        return _MEMORY_CACHE[text]
-    path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        result = stored["result"] if stored.get("key") == text else None
-    except (OSError, ValueError, KeyError):
-        result = None
+def _cached(key: str, architecture: Architecture) -> dict:
+    if key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key]
+    result = bundled_measurements().get(key)
+    path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if result is None:
-        result = _MEASUREMENTS[kind](_config_for_measuring(key), device_type)
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            result = stored["result"] if stored.get("key") == key else None
+        except (OSError, ValueError, KeyError):
+            result = None
+    if result is None:
+        result = measure(key, architecture)
         with contextlib.suppress(OSError):  # a read-only home only costs the next run the measurement
-            atomic_write_text(path, json.dumps({"key": text, "result": result}))
-    _MEMORY_CACHE[text] = result
+            atomic_write_text(path, json.dumps({"key": key, "result": result}))
+    _MEMORY_CACHE[key] = result
     return result
 
 
 _MEMORY_CACHE: dict[str, dict] = {}
+
+
+def measure(key: str, architecture: Architecture) -> dict:
+    """The measurement `key` names, made now (no cache consulted); seconds to a minute."""
+    from trainers.memory.measurements import MEASUREMENTS, config_for_measuring
+
+    spec = json.loads(key)
+    if spec["key"]["architecture"] != architecture_digest(architecture[0]):
+        raise ValueError("the architecture given is not the one the key names")
+    return MEASUREMENTS[spec["kind"]](config_for_measuring(spec["key"]), spec["device"], architecture)
 
 
 def cache_dir() -> Path:
@@ -171,144 +199,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PPSF_MEMORY_CACHE", default))
 
 
+BUNDLED_MEASUREMENTS = Path(__file__).parent / "bundled_measurements.json"
+
+
 @functools.cache
-def _code_version() -> str:
-    """Measurements are redone when the measuring code, a family's memory model or a library changes."""
-    import diffusers
-    import peft
-    import transformers
-
-    digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in sorted([*here.glob("*.py"), *(here.parent / "models").glob("*.py")]):
-        digest.update(path.read_bytes())
-    for version in (torch.__version__, diffusers.__version__, peft.__version__, transformers.__version__):
-        digest.update(version.encode())
-    return digest.hexdigest()[:16]
+def bundled_measurements() -> dict[str, dict]:
+    """Measurements shipped with the repo (the SDXL presets' settings), by key; written by
+    `python bench/memory.py --write-bundled`, checked against fresh ones by tests/test_memory.py."""
+    try:
+        entries = json.loads(BUNDLED_MEASUREMENTS.read_text(encoding="utf-8"))["entries"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {entry["key"]: entry["result"] for entry in entries}
 
 
-def _config_for_measuring(key: dict) -> TrainConfig:
-    """A config holding the measured fields (the others do not change what is measured)."""
-    from trainers.config import validate_config
-
-    data = {
-        "name": "estimate",
-        "model": key["model"],
-        "dataset": {
-            "path": ".",
-            "resolution": key.get("resolution", 1024),
-            "cache_text_embeddings": not key.get("text_each_step", False),
-        },
-        "training": {
-            "max_steps": 1,
-            "batch_size": key.get("batch", 1),
-            "precision": key["precision"],
-            "gradient_checkpointing": key.get("checkpointing", False),
-        },
-        "sampling": {"height": key.get("height"), "width": key.get("width")},
-    }
-    for section in ("lora", "optimizer", "flux"):
-        if section in key:
-            data[section] = key[section]
-    return validate_config(data)
+# What a measurement runs: the measuring code, the family's memory model, the optimizer whose state is
+# counted, and the libraries that run the architecture. The composition (this file, report.py) is not part.
+_MEASURING_CODE = ("family.py", "measure.py", "measurements.py", "optimizer_state.py")
+_LIBRARIES = ("torch", "diffusers", "transformers", "peft")
 
 
-def _family_model(config: TrainConfig, device_type: str) -> FamilyMemoryModel:
+@functools.cache
+def code_version(family: str) -> str:
+    """Measurements are redone when the code that makes them or a library it runs changes (read from
+    the files and the installed packages' metadata: nothing is imported)."""
+    from importlib.metadata import version
+
     from trainers.models import memory_model_for
 
-    return memory_model_for(config.model.family)(config, device_type)
-
-
-def _autocast_dtype(config: TrainConfig) -> torch.dtype | None:
-    """The adapter runs the denoiser under autocast unless it trains in fp32."""
-    dtype = TORCH_DTYPES[config.training.precision]
-    return None if dtype == torch.float32 else dtype
-
-
-def _measure_encoding(config: TrainConfig, device_type: str) -> dict:
-    model = _family_model(config, device_type)
-    resolution = config.dataset.resolution
-    no_autocast = DeviceEmulation(device_type, None)  # the adapter encodes outside autocast
-    return {
-        "architecture": model.architecture_source,
-        "components": [dataclasses.asdict(c) for c in model.components()],
-        "encode_image": _peak(lambda: model.encode_image(resolution, resolution), no_autocast),
-        "encode_captions": _peak(lambda: model.encode_captions(1), no_autocast),
-    }
-
-
-def _measure_sampling(config: TrainConfig, device_type: str) -> dict:
-    model = _family_model(config, device_type)
-    height, width = _sample_size(config)
-    emulation = DeviceEmulation(device_type, _autocast_dtype(config))
-    return {
-        "sample_step": _peak(lambda: model.sample_step(height, width), emulation),
-        "decode": _peak(lambda: model.decode(height, width), DeviceEmulation(device_type, None)),
-    }
-
-
-def _measure_training(config: TrainConfig, device_type: str) -> dict:
-    model = _family_model(config, device_type)
-    by_component = model.add_lora()
-    named = {name: p for params in by_component.values() for name, p in params.items()}
-    params = list(named.values())
-    zero_init = ["lora_B" in name for name in named]  # peft starts B at zero
-    opt = optimizer_bytes(params, config.optimizer, zero_init, groups=len(by_component))
-    emulation = DeviceEmulation(device_type, _autocast_dtype(config))
-    gradients, activations, step_peak = _training_step(model, config, params, emulation)
-    return {
-        "lora_params": sum(p.numel() for p in params),
-        "lora_bytes": sum(p.numel() * p.element_size() for p in params),
-        "optimizer_state": opt.state,
-        "optimizer_buffers": opt.step_buffers,
-        "gradients": gradients,
-        "activations": activations,
-        "step_peak": step_peak,
-    }
-
-
-_MEASUREMENTS = {"encoding": _measure_encoding, "training": _measure_training, "sampling": _measure_sampling}
-
-
-def _peak(run: Callable[[], None], emulation: DeviceEmulation) -> int:
-    tracker = LiveTensors()
-    with emulation, tracker:
-        run()
-    return tracker.peak
-
-
-def _training_step(
-    model: FamilyMemoryModel,
-    config: TrainConfig,
-    params: list[torch.nn.Parameter],
-    emulation: DeviceEmulation,
-) -> tuple[int, int, int]:
-    """(gradients alive at once, activations kept for backward, the step's peak) of one micro-batch."""
-    tracker = LiveTensors()
-    checkpoint = CheckpointInputs(tracker, emulation)
-    if config.training.gradient_checkpointing:
-        model.set_gradient_checkpointing(checkpoint)
-    grad_bytes = [p.numel() * p.element_size() for p in params]
-    handles = []
-    if config.optimizer.fused_back_pass:
-        handles = fused_gradient_buckets(params, FUSED_BUCKET_BYTES)
-        gradients = min(sum(grad_bytes), FUSED_BUCKET_BYTES + max(grad_bytes, default=0))
-    else:
-        gradients = sum(grad_bytes)
-    resolution, batch = config.dataset.resolution, config.training.batch_size
-    try:
-        with emulation, tracker:
-            with saved_for_backward(tracker) as saved:
-                loss = model.training_loss(batch, resolution, resolution)
-            kept = {**saved, **checkpoint.kept}
-            loss.backward()
-            del loss
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p in params:
-            p.grad = None
-    return gradients, sum(kept.values()), tracker.peak
+    here = Path(__file__).parent
+    files = [here / name for name in _MEASURING_CODE]
+    files.append(Path(inspect.getfile(memory_model_for(family))))
+    files += sorted((here.parent.parent / "ppsf_optim").glob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for library in _LIBRARIES:  # a local build tag (+cu128, +cpu) does not change the meta-device passes
+        digest.update(f"{library}=={version(library).split('+')[0]}".encode())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ phases

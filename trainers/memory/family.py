@@ -39,14 +39,20 @@ class FamilyMemoryModel(ABC):
     # CPU modules ("cpu") to check the meta measurement against what a real run holds
     tensor_device = "meta"
 
-    def __init__(self, config: TrainConfig, device_type: str) -> None:
+    def __init__(
+        self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
+    ) -> None:
+        """`architecture`: the component configs and their source, as `architecture(config)` gives them
+        (looked up when not given)."""
         self.config = config
         self.device_type = device_type
+        self.architecture_configs, self.architecture_source = architecture or self.architecture(config)
 
-    @property
+    @staticmethod
     @abstractmethod
-    def architecture_source(self) -> str:
-        """Where the architecture configs came from (shown with the estimate)."""
+    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
+        """The family's component configs for the config's model and where they came from (shown with the
+        estimate), fast: small json files, no weights, no model library imported."""
 
     @abstractmethod
     def components(self) -> list[Component]:

@@ -29,11 +29,13 @@ class _FlowMemoryModel(FamilyMemoryModel):
     text_encoders: tuple[str, ...]
     tiny: str  # the demo model's path
 
-    def __init__(self, config: TrainConfig, device_type: str) -> None:
-        super().__init__(config, device_type)
+    def __init__(
+        self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
+    ) -> None:
+        super().__init__(config, device_type, architecture)
         self.options = flux_options(config)
         self.dtype = TORCH_DTYPES[config.training.precision]
-        configs, self._source = self._architecture_configs()
+        configs = self.architecture_configs
         with torch.device("meta"):
             self._build(configs)
         for name in self.parts:
@@ -46,43 +48,49 @@ class _FlowMemoryModel(FamilyMemoryModel):
     def _build(self, configs: dict[str, dict]) -> None:
         raise NotImplementedError
 
-    def _bundled_name(self, path: str) -> str:
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
         raise NotImplementedError
 
-    def _tiny_configs(self) -> dict[str, dict]:
+    @classmethod
+    def _tiny_configs(cls) -> dict[str, dict]:
         raise NotImplementedError
 
-    def _architecture_configs(self) -> tuple[dict[str, dict], str]:
-        path = self.config.model.path
-        if path == DEMO_SCHEME + self.tiny:
-            return self._tiny_configs(), f"the demo model's own configs ({path})"
+    @classmethod
+    def architecture(cls, config: TrainConfig) -> tuple[dict[str, dict], str]:
+        path, options = config.model.path, flux_options(config)
+        if path == DEMO_SCHEME + cls.tiny:
+            return cls._tiny_configs(), f"the demo model's own configs ({path})"
         # a single transformer file takes the rest (and its architecture) from components_path
-        source = self.options.components_path or path
+        source = options.components_path or path
         folder = Path(source).expanduser()
         if folder.is_dir() and (folder / "model_index.json").is_file():
-            return self._read(lambda part: folder / part / "config.json"), f"{folder}'s own configs"
+            return cls._read(lambda part: folder / part / "config.json"), f"{folder}'s own configs"
         if not folder.exists() and source.count("/") == 1:
-            cached = self._from_hub_cache(source)
+            cached = cls._from_hub_cache(source)
             if cached is not None:
                 return cached, f"{source}'s configs from the local Hugging Face cache"
-        name = self._bundled_name(source)
-        bundled = self._read(lambda part: CONFIGS / name / f"{part}.json")
+        name = cls._bundled_name(source, options)
+        bundled = cls._read(lambda part: CONFIGS / name / f"{part}.json")
         return bundled, f"the bundled {name} configs (assumed for {source})"
 
-    def _read(self, path_of: Callable[[str], Path]) -> dict[str, dict]:
-        return {part: json.loads(path_of(part).read_text(encoding="utf-8")) for part in self.parts}
+    @property
+    def _is_demo(self) -> bool:
+        """The tiny demo model (its tokenizers are shorter); measured configs carry no model path."""
+        return self.architecture_source.startswith("the demo model")
 
-    def _from_hub_cache(self, repo: str) -> dict[str, dict] | None:
+    @classmethod
+    def _read(cls, path_of: Callable[[str], Path]) -> dict[str, dict]:
+        return {part: json.loads(path_of(part).read_text(encoding="utf-8")) for part in cls.parts}
+
+    @classmethod
+    def _from_hub_cache(cls, repo: str) -> dict[str, dict] | None:
         from huggingface_hub import try_to_load_from_cache
 
-        paths = {part: try_to_load_from_cache(repo, f"{part}/config.json") for part in self.parts}
+        paths = {part: try_to_load_from_cache(repo, f"{part}/config.json") for part in cls.parts}
         if not all(isinstance(path, str) for path in paths.values()):
             return None
-        return self._read(lambda part: Path(paths[part]))
-
-    @property
-    def architecture_source(self) -> str:
-        return self._source
+        return cls._read(lambda part: Path(paths[part]))
 
     # ------------------------------------------------------------------ weights
     def components(self) -> list[Component]:
@@ -201,12 +209,14 @@ class FluxMemoryModel(_FlowMemoryModel):
         self.text_encoder = CLIPTextModel(CLIPTextConfig(**_clean(configs["text_encoder"])))
         self.text_encoder_2 = T5EncoderModel(T5Config(**_clean(configs["text_encoder_2"])))
 
-    def _bundled_name(self, path: str) -> str:
-        asked = self.options.variant
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
+        asked = options.variant
         schnell = asked == "schnell" or (asked == "auto" and "schnell" in path.lower())
         return "flux1-schnell" if schnell else "flux1-dev"
 
-    def _tiny_configs(self) -> dict[str, dict]:
+    @classmethod
+    def _tiny_configs(cls) -> dict[str, dict]:
         from trainers.tiny_flux import FLUX_TRANSFORMER_CONFIG, FLUX_VAE_CONFIG, T5_CONFIG
         from trainers.tiny_models import CLIP_CONFIG
 
@@ -221,7 +231,7 @@ class FluxMemoryModel(_FlowMemoryModel):
     def t5_tokens(self) -> int:
         from trainers.models.flux import T5_TOKENS
 
-        if self.config.model.path == DEMO_SCHEME + self.tiny:
+        if self._is_demo:
             from trainers.tiny_flux import T5_MAX_LENGTH
 
             return T5_MAX_LENGTH
@@ -312,10 +322,12 @@ class Flux2MemoryModel(_FlowMemoryModel):
         self.vae = AutoencoderKLFlux2.from_config(configs["vae"])
         self.text_encoder = Qwen3ForCausalLM(Qwen3Config(**_clean(configs["text_encoder"])))
 
-    def _bundled_name(self, path: str) -> str:
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
         return "flux2-klein-9b" if "9b" in path.lower() else "flux2-klein-4b"
 
-    def _tiny_configs(self) -> dict[str, dict]:
+    @classmethod
+    def _tiny_configs(cls) -> dict[str, dict]:
         from trainers.tiny_flux import (
             KLEIN_TRANSFORMER_CONFIG,
             KLEIN_VAE_CONFIG,
@@ -334,7 +346,7 @@ class Flux2MemoryModel(_FlowMemoryModel):
     def qwen_tokens(self) -> int:
         from trainers.models.flux2 import QWEN_TOKENS
 
-        if self.config.model.path == DEMO_SCHEME + self.tiny:
+        if self._is_demo:
             from trainers.tiny_flux import QWEN_MAX_LENGTH
 
             return QWEN_MAX_LENGTH

@@ -62,12 +62,18 @@ def _from_hub_cache(repo: str) -> dict[str, dict] | None:
 
 
 class SDXLMemoryModel(FamilyMemoryModel):
-    def __init__(self, config: TrainConfig, device_type: str) -> None:
-        super().__init__(config, device_type)
+    @staticmethod
+    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
+        return architecture_configs(config.model.path)
+
+    def __init__(
+        self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
+    ) -> None:
+        super().__init__(config, device_type, architecture)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        configs, self._source = architecture_configs(config.model.path)
+        configs = self.architecture_configs
         self.dtype = TORCH_DTYPES[config.training.precision]
         with torch.device("meta"):
             self.unet = UNet2DConditionModel.from_config(configs["unet"])
@@ -84,10 +90,6 @@ class SDXLMemoryModel(FamilyMemoryModel):
         for module in (self.unet, self.text_encoder, self.text_encoder_2):
             torch.nn.Module.to(module, self.dtype)
         self._scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def architecture_source(self) -> str:
-        return self._source
 
     def components(self) -> list[Component]:
         roles = {
