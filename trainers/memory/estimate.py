@@ -107,7 +107,7 @@ def architecture_of(config: TrainConfig) -> Architecture:
     """The family's component configs for `model.path` (read from small json files, no weights)."""
     from trainers.models import memory_model_for
 
-    return memory_model_for(config.model.family).architecture(config.model.path)
+    return memory_model_for(config.model.family).architecture(config)
 
 
 def _measure(config: TrainConfig, device_type: str, architecture: Architecture) -> dict[str, int | list]:
@@ -124,6 +124,7 @@ def measurement_keys(config: TrainConfig, device_type: str, configs: dict[str, d
     library versions), as canonical JSON text."""
     base = {"family": config.model.family, "architecture": architecture_digest(configs)}
     base["precision"] = config.training.precision
+    base["flux"] = config.flux.model_dump(mode="json")  # variant, targets, quantisation (defaults for SDXL)
     encoding = {**base, "resolution": config.dataset.resolution}
     keys = [
         ("encoding", encoding),

@@ -42,18 +42,16 @@ class FamilyMemoryModel(ABC):
     def __init__(
         self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
     ) -> None:
-        """`architecture`: the component configs and their source, as `architecture(config.model.path)`
-        gives them (looked up when not given)."""
+        """`architecture`: the component configs and their source, as `architecture(config)` gives them
+        (looked up when not given)."""
         self.config = config
         self.device_type = device_type
-        self.architecture_configs, self.architecture_source = architecture or self.architecture(
-            config.model.path
-        )
+        self.architecture_configs, self.architecture_source = architecture or self.architecture(config)
 
     @staticmethod
     @abstractmethod
-    def architecture(model_path: str) -> tuple[dict[str, dict], str]:
-        """The family's component configs for `model.path` and where they came from (shown with the
+    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
+        """The family's component configs for the config's model and where they came from (shown with the
         estimate), fast: small json files, no weights, no model library imported."""
 
     @abstractmethod

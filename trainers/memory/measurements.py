@@ -45,7 +45,7 @@ def config_for_measuring(key: dict) -> TrainConfig:
         },
         "sampling": {"height": key.get("height"), "width": key.get("width")},
     }
-    for section in ("lora", "optimizer"):
+    for section in ("lora", "optimizer", "flux"):
         if section in key:
             data[section] = key[section]
     return validate_config(data)

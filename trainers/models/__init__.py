@@ -28,7 +28,11 @@ def memory_model_for(family: str) -> type:
         from trainers.models.sdxl_memory import SDXLMemoryModel
 
         return SDXLMemoryModel
-    raise ValueError(f"model.family: no memory estimate for {family!r}; supported: sdxl")
+    if family in ("flux", "flux2"):
+        from trainers.models.flux_memory import Flux2MemoryModel, FluxMemoryModel
+
+        return FluxMemoryModel if family == "flux" else Flux2MemoryModel
+    raise ValueError(f"model.family: no memory estimate for {family!r}; supported: sdxl, flux, flux2")
 
 
 def transformer_target_modules(family: str, options) -> str | list[str]:

@@ -62,7 +62,9 @@ def _from_hub_cache(repo: str) -> dict[str, dict] | None:
 
 
 class SDXLMemoryModel(FamilyMemoryModel):
-    architecture = staticmethod(architecture_configs)
+    @staticmethod
+    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
+        return architecture_configs(config.model.path)
 
     def __init__(
         self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
