@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.dataset_files import default_datasets_dir
 from app.pages import dataset, export, run, runs, setup
 from app.pages.common import UiContext
 
@@ -52,6 +53,7 @@ def build_ui(
         presets_dir=Path(presets_dir).resolve(),
         allow_parallel_runs=allow_parallel_runs,
         configs_dir=configs_path,
+        datasets_dir=default_datasets_dir(runs_path),
     )
     with gr.Blocks(title="ppsf-trainer") as demo:
         gr.Markdown(f"# ppsf-trainer\nLoRA training with Prodigy + ScheduleFree. Runs live in `{runs_path}`.")
@@ -62,7 +64,7 @@ def build_ui(
             with gr.Tab("Dataset", id="dataset"):
                 dataset.build(ctx, setup_tab)
             with gr.Tab("Run", id="run"):
-                run_tab = run.build(ctx, setup_tab, current_run, refresh_seconds)
+                run_tab = run.build(ctx, setup_tab, current_run, tabs, refresh_seconds)
             with gr.Tab("Runs", id="runs") as runs_page:
                 runs.build(ctx, runs_page, tabs, current_run)
             with gr.Tab("Export", id="export") as export_page:

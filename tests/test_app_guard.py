@@ -436,7 +436,7 @@ def _events_until_stop(stop: dict, checkpoint_step: int | None, resumed_from: in
             _events_until_stop(
                 {"type": "stopped", "message": "aborted by a second Ctrl-C", "last_checkpoint": None}, 2
             ),
-            "stopped (no checkpoint saved: aborted by a second Ctrl-C)",
+            "stopped (no checkpoint saved: aborted by Kill now)",  # the UI names its button, not Ctrl-C
         ),
         (  # the stop's message alone is not believed
             _events_until_stop(

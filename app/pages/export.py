@@ -8,7 +8,7 @@ import gradio as gr
 
 from app.export_view import FORMATS, checkpoint_choices, export_lora, exported_markdown, metadata_by_file
 from app.pages.common import UiContext, run_names
-from app.run_view import resolve_run
+from app.run_view import exportable_run, resolve_run
 
 
 def build(ctx: UiContext, tab: gr.Tab) -> None:
@@ -28,8 +28,8 @@ def build(ctx: UiContext, tab: gr.Tab) -> None:
     metadata = gr.JSON(label="Metadata", elem_id="export-metadata")
 
     def runs() -> Any:
-        names = run_names(ctx)
-        return gr.Dropdown(choices=names, value=names[0] if names else None)
+        newest = exportable_run(ctx.runs_dir)
+        return gr.Dropdown(choices=run_names(ctx), value=newest.name if newest else None)
 
     tab.select(runs, None, run)
     run.change(lambda name: _checkpoints(ctx, name), run, checkpoint)

@@ -14,7 +14,15 @@ import pandas as pd
 from app import config_form as form
 from app import events_view as view
 from app import runner
-from app.pages.common import MEMORY_PENDING, UiContext, marks, plot_frames, run_plots, samples_gallery
+from app.pages.common import (
+    MEMORY_PENDING,
+    UiContext,
+    marks,
+    plot_frames,
+    plot_updates,
+    run_plots,
+    samples_gallery,
+)
 from app.pages.setup import SetupTab
 from app.preflight import preflight
 from app.run_view import change_signature, default_run, snapshot
@@ -50,7 +58,9 @@ def _plot_resets(new_keys: list[str], old_keys: list[str]) -> list[Any]:
     return [None if new != old else gr.skip() for new, old in zip(new_keys, old_keys)]
 
 
-def build(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_seconds: float) -> RunTab:
+def build(
+    ctx: UiContext, setup: SetupTab, current_run: gr.State, tabs: gr.Tabs, refresh_seconds: float
+) -> RunTab:
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -79,14 +89,39 @@ def build(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_second
     )
     signature = gr.State("")
     plot_keys = gr.State([])
-    inputs = [current_run, signature, plot_keys]
+    shown_alive = gr.State(False)  # whether the trainer was running at the last refresh
+    inputs = [current_run, signature, plot_keys, shown_alive]
     outputs = [current_run, signature, plot_keys, title, progress, status, *plots, samples, log]
+    outputs += [message, shown_alive]
 
     start.click(
-        lambda current, *values: _start(ctx, current, values),
-        [current_run, *setup.fields],
-        [message, current_run, setup.problems, *setup.section_problems, *setup.accordions],
+        lambda *values: _start(ctx, values),
+        setup.fields,
+        [message, current_run, setup.name, *setup.marks],
         api_name="start",
+    )
+
+    def start_from_setup(*values: Any) -> list[Any]:
+        text, run_dir, name, *problem_marks = _start(ctx, values)
+        if not isinstance(run_dir, str):
+            return [text, gr.skip(), gr.skip(), name, gr.skip(), *problem_marks]
+        return ["", text, run_dir, name, gr.Tabs(selected="run"), *problem_marks]
+
+    setup.start.click(
+        start_from_setup,
+        setup.fields,
+        [setup.message, message, current_run, setup.name, tabs, *setup.marks],
+        api_name="start_from_setup",
+    )
+    # A refusal stays until the form changes: then it no longer describes the form.
+    gr.on(
+        [field.change for field in setup.fields],
+        lambda text: "" if (text or "").startswith(NOT_STARTED) else gr.skip(),
+        message,
+        message,
+        show_progress="hidden",
+        api_visibility="undocumented",
+        trigger_mode="always_last",
     )
     stop.click(lambda current: _stop(ctx, current), current_run, message, api_name="stop")
     kill.click(lambda: gr.Row(visible=True), None, kill_row, api_visibility="undocumented")
@@ -99,11 +134,11 @@ def build(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_second
     )
     resume.click(lambda current: _resume(ctx, current), current_run, message, api_name="resume")
 
-    def refresh(current: str, sig: str, keys: list[str]) -> Iterator[list[Any]]:
-        yield from _refresh_run(ctx, current, sig, keys)
+    def refresh(current: str, sig: str, keys: list[str], alive: bool) -> Iterator[list[Any]]:
+        yield from _refresh_run(ctx, current, sig, keys, alive)
 
-    def redraw(current: str, sig: str, keys: list[str]) -> Iterator[list[Any]]:
-        yield from _refresh_run(ctx, current, "", keys)
+    def redraw(current: str, sig: str, keys: list[str], alive: bool) -> Iterator[list[Any]]:
+        yield from _refresh_run(ctx, current, "", keys, alive)
 
     hidden = {"show_progress": "hidden", "api_visibility": "undocumented"}
     gr.Timer(refresh_seconds).tick(refresh, inputs, outputs, **hidden)
@@ -111,52 +146,72 @@ def build(ctx: UiContext, setup: SetupTab, current_run: gr.State, refresh_second
     return RunTab(inputs=inputs, outputs=outputs, redraw=redraw, memory=memory)
 
 
+NOT_STARTED = "**Not started"
+
+
 def _current(ctx: UiContext, current: str) -> Path | None:
     path = Path(current) if current else None
     return path if path is not None and path.is_dir() else default_run(ctx.runs_dir)
 
 
-def _refresh_run(ctx: UiContext, current: str, signature: str, keys: list[str]) -> Iterator[list[Any]]:
-    """Updates for the Run tab's outputs (see _run_tab); skips everything when the run's files are unchanged."""
+def _refresh_run(
+    ctx: UiContext, current: str, signature: str, keys: list[str], shown_alive: bool = False
+) -> Iterator[list[Any]]:
+    """Updates for the Run tab's outputs (see build); skips everything when the run's files are unchanged.
+
+    When the trainer has ended since the last refresh, the message of the button that started or stopped
+    it is cleared (the title now says what happened), and the progress loses its speed and ETA.
+    """
     skip = gr.skip()
     run_dir = _current(ctx, current)
     if run_dir is None:
-        yield ["", "", [], "No runs yet: set one up on the Setup tab and press Start.", *[skip] * 7]
+        yield ["", "", [], "No runs yet: set one up on the Setup tab and press Start.", *[skip] * 9]
         return
     new_signature = change_signature(run_dir)
     if new_signature == signature and str(run_dir) == current:
-        yield [skip] * 11
+        yield [skip] * 13
         return
     snap = snapshot(run_dir, LOG_LINES)
     frames = plot_frames(snap.frames)
     new_keys = _series_keys(run_dir, frames)
     if new_keys != keys:
-        yield [*[skip] * 6, *_plot_resets(new_keys, keys), skip, skip]
+        yield [*[skip] * 6, *_plot_resets(new_keys, keys), *[skip] * 4]
+    ended = bool(shown_alive) and not snap.alive
     yield [
         str(run_dir),
         new_signature,
         new_keys,
         snap.title,
-        view.progress_html(view.progress(snap.events)),
+        view.progress_html(view.progress(snap.events), live=snap.alive),
         snap.status_markdown(),
-        *frames,
+        *plot_updates(frames),
         view.sample_images(snap.events),
         snap.log,
+        "" if ended else skip,
+        snap.alive,
     ]
 
 
-def _start(ctx: UiContext, current: str, values: tuple) -> list[Any]:
+def _start(ctx: UiContext, values: tuple) -> list[Any]:
+    """Updates for the message, the run shown, the name field and the Setup problem marks.
+
+    A name whose folder already holds a run gets the next free one (demo-2) rather than a refusal.
+    """
     config, problems = form.validate_values(list(values), ctx.specs)
+    name, note = gr.skip(), ""
     if config is not None:
+        config, note = runner.with_free_name(config)
+        name = config.name if note else gr.skip()
         problems, _ = preflight(config, ctx.runs_dir)
     if problems:
-        text = "**Not started.** Fix these on the Setup tab first:\n" + "\n".join(f"- {p}" for p in problems)
-        return [text, gr.skip(), *marks(ctx, problems)]
+        text = f"{NOT_STARTED}.** Fix these on the Setup tab first:\n" + "\n".join(f"- {p}" for p in problems)
+        return [text, gr.skip(), name, *marks(ctx, problems)]
     try:
         run_dir = runner.start_run(config, ctx.allow_parallel_runs)
     except runner.RunnerError as error:
-        return [f"**Not started:** {error}", gr.skip(), *marks(ctx, [])]
-    return [f"Started **{run_dir.name}**; the plots fill in as it trains.", str(run_dir), *marks(ctx, [])]
+        return [f"{NOT_STARTED}:** {error}", gr.skip(), name, *marks(ctx, [])]
+    text = f"Started **{run_dir.name}**; the plots fill in as it trains." + (f" {note}" if note else "")
+    return [text, str(run_dir), name, *marks(ctx, [])]
 
 
 def _stop(ctx: UiContext, current: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from app import events_view as view
-from app.pages.common import UiContext, plot_frames, run_names, run_plots, samples_gallery
+from app.pages.common import UiContext, plot_frames, plot_updates, run_names, run_plots, samples_gallery
 from app.run_view import resolve_run, runs_table, snapshot
 
 
@@ -57,7 +57,7 @@ def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
     notices = view.notices_markdown(snap.events, snap.state)
     return [
         "\n\n".join(text + ([notices] if notices else [])),
-        *plot_frames(snap.frames),
+        *plot_updates(plot_frames(snap.frames)),
         view.sample_images(snap.events),
         config_path.read_text(encoding="utf-8") if config_path.is_file() else "(no config.toml yet)",
     ]

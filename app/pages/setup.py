@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from app import config_form as form
+from app import runner
 from app.pages.common import MEMORY_PENDING, UiContext, marks
 from app.path_checks import confined_file, file_problem, writable_file_problem
 from app.preflight import preflight
@@ -41,6 +42,17 @@ clip norm is neither needed nor offered.
 """
 
 
+# What a user decides on the first screen; the rest of the schema sits below in collapsed sections.
+ESSENTIALS = (
+    "model.family",
+    "model.path",
+    "dataset.path",
+    "dataset.trigger_word",
+    "name",
+    "training.max_steps",
+)
+
+
 @dataclass
 class SetupTab:
     """The Setup tab's widgets other tabs read or update."""
@@ -53,66 +65,90 @@ class SetupTab:
     saved_form: gr.BrowserState  # the form as this browser last had it (local storage)
     vram: gr.Number  # the card to judge the memory estimate against
     memory: gr.Markdown  # the memory estimate of the form's config
+    start: gr.Button  # starts the form's config (wired by the Run page, which shows the run)
+    name: Any  # the run name's widget (Start may propose a free name in it)
 
     def by_key(self, specs: list[form.FieldSpec], key: str) -> Any:
         """The widget of a dotted config key."""
         return self.fields[[s.key for s in specs].index(key)]
 
+    @property
+    def marks(self) -> list[Any]:
+        """The outputs that marks() fills: overall problems, each section's problems, each accordion."""
+        return [self.problems, *self.section_problems, *self.accordions]
+
 
 def build(ctx: UiContext) -> SetupTab:
     presets = form.list_presets(ctx.presets_dir)
-    initial = preset_values(ctx, DEFAULT_PRESET if DEFAULT_PRESET in presets else next(iter(presets), None))
-    with gr.Row():
+    first = DEFAULT_PRESET if DEFAULT_PRESET in presets else next(iter(presets), None)
+    initial = dict(zip([s.key for s in ctx.specs], preset_values(ctx, first)))
+    widgets: dict[str, Any] = {}
+
+    def add(spec: form.FieldSpec) -> None:
+        widgets[spec.key] = _field_widget(spec, initial[spec.key])
+
+    by_key = {spec.key: spec for spec in ctx.specs}
+    with gr.Row(equal_height=True):
         preset = gr.Dropdown(
-            choices=list(presets), value=DEFAULT_PRESET if DEFAULT_PRESET in presets else None,
-            label="Preset", info="Ready configs from the presets folder.", elem_id="preset", scale=3,
+            choices=list(presets), value=first, label="Preset",
+            info="Ready configs from the presets folder.", elem_id="preset", scale=3,
         )  # fmt: skip
         load_preset = gr.Button("Load preset", elem_id="load-preset", scale=1)
-    with gr.Row():
-        toml_path = gr.Textbox(
-            label="Config file (TOML)",
-            placeholder="e.g. my-run.toml",
-            info=f"A file in {ctx.configs_dir} (loading also reads presets in {ctx.presets_dir}).",
-            elem_id="toml-path",
-            scale=3,
-        )
-        load_file = gr.Button("Load file", elem_id="load-file", scale=1)
-        save_file = gr.Button("Save to file", elem_id="save-file", scale=1)
-    with gr.Row():
-        upload = gr.File(
-            label="…or upload a TOML", file_types=[".toml"], type="filepath", elem_id="upload-toml"
-        )
-        download = gr.File(label="Saved config", interactive=False, height=110, elem_id="download-toml")
-    with gr.Row():
-        check = gr.Button("Check", variant="primary", elem_id="check")
+    for start in range(0, len(ESSENTIALS), FIELDS_PER_ROW):
+        with gr.Row(equal_height=True):
+            for key in ESSENTIALS[start : start + FIELDS_PER_ROW]:
+                add(by_key[key])
+    with gr.Row(equal_height=True):
         vram = gr.Number(
             None,
             label="GPU memory (GB)",
-            info="Empty: the GPU here, if any. The estimate below says whether the config fits it.",
+            info="Empty: the GPU here, if any. The estimate says whether the config fits it.",
             minimum=0,
             elem_id="vram",
+            scale=1,
         )
-    memory = gr.Markdown(MEMORY_PENDING, elem_id="setup-memory")
+        memory = gr.Markdown(MEMORY_PENDING, elem_id="setup-memory")
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="setup-start", scale=2)
+        check = gr.Button("Check", elem_id="check", scale=1)
     message = gr.Markdown(elem_id="setup-message")
     problems = gr.Markdown(elem_id="setup-problems")
-    summary = gr.Textbox(label="Dataset summary", lines=4, interactive=False, elem_id="check-summary")
+    summary = gr.Textbox(
+        label="Dataset summary", lines=3, interactive=False, visible=False, elem_id="check-summary"
+    )
 
-    fields, section_mds, accordions = [], [], []
+    section_mds, accordions = [], []
     for section, title in form.SECTIONS:
-        specs = [s for s in ctx.specs if s.section == section]
-        with gr.Accordion(
-            title, open=section in ("run", "model", "dataset", "training"), elem_id=f"section-{section}"
-        ) as acc:
+        specs = [s for s in ctx.specs if s.section == section and s.key not in ESSENTIALS]
+        with gr.Accordion(f"{title} settings", open=False, elem_id=f"section-{section}") as acc:
             section_mds.append(
                 gr.Markdown(visible=False, elem_id=f"problems-{section}", elem_classes="section-problems")
             )
             if section == "optimizer":
                 gr.Markdown(OPTIMIZER_HELP, elem_id="optimizer-help")
-            for start in range(0, len(specs), FIELDS_PER_ROW):
+            for begin in range(0, len(specs), FIELDS_PER_ROW):
                 with gr.Row(equal_height=True):
-                    for spec in specs[start : start + FIELDS_PER_ROW]:
-                        fields.append(_field_widget(spec, initial[ctx.specs.index(spec)]))
+                    for spec in specs[begin : begin + FIELDS_PER_ROW]:
+                        add(spec)
         accordions.append(acc)
+    with gr.Accordion("Config files: load, save, upload", open=False, elem_id="section-files"):
+        with gr.Row(equal_height=True):
+            toml_path = gr.Textbox(
+                label="Config file (TOML)",
+                placeholder="e.g. my-run.toml",
+                info=f"A file in {ctx.configs_dir} (loading also reads presets in {ctx.presets_dir}).",
+                elem_id="toml-path",
+                scale=3,
+            )
+            load_file = gr.Button("Load file", elem_id="load-file", scale=1)
+            save_file = gr.Button("Save to file", elem_id="save-file", scale=1)
+        with gr.Row():
+            upload = gr.File(
+                label="…or upload a TOML", file_types=[".toml"], type="filepath", height=110,
+                elem_id="upload-toml",
+            )  # fmt: skip
+            download = gr.File(label="Saved config", interactive=False, height=110, elem_id="download-toml")
+    fields = [widgets[spec.key] for spec in ctx.specs]
     saved_form = gr.BrowserState(
         None, storage_key=_form_storage_key(ctx), secret=browser_secret(ctx.runs_dir)
     )
@@ -135,25 +171,22 @@ def build(ctx: UiContext) -> SetupTab:
         saved_form=saved_form,
         vram=vram,
         memory=memory,
+        start=start,
+        name=widgets["name"],
     )
-    marks = [problems, *section_mds, *accordions]
-
-    load_preset.click(
-        lambda name: _load_preset(ctx, name), preset, [*fields, message, *marks], api_name="load_preset"
-    )
-    load_file.click(
-        lambda path: _load_file(ctx, path), toml_path, [*fields, message, *marks], api_name="load_file"
-    )
-    upload.upload(
-        lambda path: _load_upload(ctx, path), upload, [*fields, message, *marks], api_name="upload_config"
-    )
+    loaded = [*fields, message, *tab.marks]
+    load_preset.click(lambda name: _load_preset(ctx, name), preset, loaded, api_name="load_preset")
+    load_file.click(lambda path: _load_file(ctx, path), toml_path, loaded, api_name="load_file")
+    upload.upload(lambda path: _load_upload(ctx, path), upload, loaded, api_name="upload_config")
     save_file.click(
         lambda path, *values: _save_file(ctx, path, values),
         [toml_path, *fields],
-        [message, download, *marks],
+        [message, download, *tab.marks],
         api_name="save_file",
     )
-    check.click(lambda *values: _check(ctx, values), fields, [summary, *marks], api_name="check")
+    check.click(
+        lambda *values: _check(ctx, values), fields, [summary, tab.name, *tab.marks], api_name="check"
+    )
     return tab
 
 
@@ -185,10 +218,11 @@ def restore_form(ctx: UiContext, saved: Any) -> list[Any]:
 
 
 def _field_widget(spec: form.FieldSpec, value: Any) -> Any:
-    common = {"label": spec.name, "info": spec.info, "elem_id": spec.elem_id, "value": value}
+    common = {"label": spec.label, "info": spec.hint, "elem_id": spec.elem_id, "value": value}
     if spec.key == "output_dir":
         return gr.Textbox(
-            **{**common, "info": "The runs folder of this UI (set with --runs-dir)."}, interactive=False
+            **{**common, "info": "The runs folder of this UI (set with --runs-dir). Config key: output_dir"},
+            interactive=False,
         )
     if spec.kind == "checkbox":
         return gr.Checkbox(**common)
@@ -196,6 +230,8 @@ def _field_widget(spec: form.FieldSpec, value: Any) -> Any:
         return gr.Dropdown(choices=list(spec.choices), **common)
     if spec.kind == "choices":
         return gr.CheckboxGroup(choices=list(spec.choices), **common)
+    if spec.kind == "set_or_list":
+        return gr.Dropdown(choices=list(spec.choices), allow_custom_value=True, **common)
     if spec.kind == "number":
         return gr.Number(precision=0 if spec.integer else None, **common)
     if spec.kind == "optional_number":
@@ -222,6 +258,13 @@ def _load_data(ctx: UiContext, data: dict[str, Any], source: str) -> list[Any]:
     _, problems = form.validate_dict(data)
     values = form.values_from_config(data, ctx.specs)
     note = f"Loaded {source}." + (" It has problems, listed below." if problems else "")
+    index = [spec.key for spec in ctx.specs].index("name")
+    name = values[index]
+    if isinstance(name, str) and name.strip() and Path(name).name == name:
+        free = runner.free_run_name(ctx.runs_dir, name)
+        if free != name:
+            values[index] = free
+            note += f" `{name}` already holds a run, so this one is named **{free}** (change it if you like)."
     return [*values, note, *marks(ctx, problems)]
 
 
@@ -290,13 +333,18 @@ def _save_file(ctx: UiContext, typed: str, values: tuple) -> list[Any]:
 
 
 def _check(ctx: UiContext, values: tuple) -> list[Any]:
+    """Updates for the dataset summary, the name (a free one if the name is taken) and the problem marks."""
     config, problems = form.validate_values(list(values), ctx.specs)
-    summary = ""
+    summary, name, note = "", gr.skip(), ""
     if config is not None:
-        problems, summary = preflight(config, ctx.runs_dir)
+        renamed, note = runner.with_free_name(config)
+        name = renamed.name if note else gr.skip()
+        problems, summary = preflight(renamed, ctx.runs_dir)
+    summary_box = gr.Textbox(value=summary, visible=bool(summary))
     if not problems:
-        return [summary, "**Ready to train.** No problems found.", *marks(ctx, [])[1:]]
-    return [summary, *marks(ctx, problems)]
+        ready = "**Ready to train.** No problems found." + (f" {note}" if note else "")
+        return [summary_box, name, ready, *marks(ctx, [])[1:]]
+    return [summary_box, name, *marks(ctx, problems)]
 
 
 def memory_estimate(ctx: UiContext, vram: float | None, values: tuple) -> list[str]:
