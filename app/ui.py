@@ -69,9 +69,10 @@ def build_ui(
                 runs.build(ctx, runs_page, tabs, current_run)
             with gr.Tab("Export", id="export") as export_page:
                 export.build(ctx, export_page)
-        # The memory estimate follows the form (bursts of edits collapse into one estimate).
+        # The memory estimate follows the form (bursts of edits collapse into one estimate), from the first
+        # page load on: it is one of the figures a user decides on.
         gr.on(
-            [field.change for field in setup_tab.fields] + [setup_tab.vram.change],
+            [demo.load] + [field.change for field in setup_tab.fields] + [setup_tab.vram.change],
             lambda vram, *values: setup.memory_estimate(ctx, vram, values),
             [setup_tab.vram, *setup_tab.fields],
             [setup_tab.memory, run_tab.memory],

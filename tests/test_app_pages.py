@@ -348,3 +348,61 @@ def test_a_caption_is_rewritten_in_place_only_for_a_listed_image(tmp_path):
     with pytest.raises(dataset_files.DatasetFileError, match="caption_extension"):
         dataset_files.write_caption(image, [image], "/../x", "x")
     assert not (tmp_path / "b.txt").exists()
+
+
+def test_start_with_a_taken_name_starts_under_a_free_one(tmp_path, monkeypatch):
+    from app.pages import run
+
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    ctx = _ctx(tmp_path)
+    _run(ctx.runs_dir, "demo", STOPPED)
+    started = []
+
+    def start_run(config, allow_parallel=False):
+        started.append(config)
+        return config.run_dir
+
+    monkeypatch.setattr(runner, "start_run", start_run)
+    values = setup.preset_values(ctx, "demo")
+    assert values[[s.key for s in ctx.specs].index("name")] == "demo"
+    text, run_dir, name, *_ = run._start(ctx, tuple(values))
+    assert [config.name for config in started] == ["demo-2"]
+    assert name == "demo-2" and run_dir == str(ctx.runs_dir / "demo-2")
+    assert "Started **demo-2**" in text and "`demo` already holds a run" in text
+
+
+def test_the_memory_estimate_puts_peak_and_verdict_before_its_table():
+    summary = "\n".join(
+        [
+            "**Estimated peak: 1.0 GiB** (phase: training)",
+            "",
+            "| part | memory |",
+            "|---|---|",
+            "| LoRA weights | 0.1 GiB |",
+            "",
+            "Fits a 24 GB card.",
+            "_Estimated on the meta device._",
+        ]
+    )
+    text = setup.compact_estimate(summary)
+    assert text.startswith("**Estimated peak: 1.0 GiB**")
+    assert text.index("Fits a 24 GB card.") < text.index("<details>") < text.index("| LoRA weights |")
+    assert (
+        setup.compact_estimate("**Memory estimate unavailable:** x") == "**Memory estimate unavailable:** x"
+    )
+
+
+def test_launch_prints_its_own_flags_not_gradios_share_hint(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from launch import LaunchSettings, launch
+
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = launch(LaunchSettings(port=port, runs_dir=tmp_path / "runs"), block=False)
+    demo.close()
+    out = capsys.readouterr().out
+    assert "share=True" not in out
+    assert f"http://127.0.0.1:{port}" in out and "--share --auth" in out

@@ -116,9 +116,9 @@ def build(
     # A refusal stays until the form changes: then it no longer describes the form.
     gr.on(
         [field.change for field in setup.fields],
-        lambda text: "" if (text or "").startswith(NOT_STARTED) else gr.skip(),
-        message,
-        message,
+        lambda *texts: ["" if (text or "").startswith(NOT_STARTED) else gr.skip() for text in texts],
+        [message, setup.message],
+        [message, setup.message],
         show_progress="hidden",
         api_visibility="undocumented",
         trigger_mode="always_last",

@@ -353,5 +353,16 @@ def memory_estimate(ctx: UiContext, vram: float | None, values: tuple) -> list[s
     if config is None:
         text = "**Memory estimate:** waits for a valid config (Check lists what to fix)."
     else:
-        text = estimate_summary(config, vram_gib=vram or None)
+        text = compact_estimate(estimate_summary(config, vram_gib=vram or None))
     return [text, text]
+
+
+def compact_estimate(summary: str) -> str:
+    """The estimate's peak and verdict first, its per-part table folded away (it would push Start down)."""
+    lines = summary.split("\n")
+    table = [line for line in lines if line.startswith("|")]
+    if not table:
+        return summary
+    words = [line for line in lines if line.strip() and not line.startswith("|")]
+    details = "\n".join(["<details><summary>Where the memory goes</summary>", "", *table, "", "</details>"])
+    return "\n\n".join([*words, details])
