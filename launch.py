@@ -225,8 +225,21 @@ def launch(settings: LaunchSettings, block: bool = True):
         show_error=True,
         app_kwargs={"middleware": [Middleware(SessionGuard)]},
         head=f"<script>({LOGIN_WATCH_JS})();</script>" if settings.auth else None,
+        quiet=True,  # Gradio's own hints name launch(share=True); ours below name this script's flags
     )
+    print(startup_lines(settings, demo.local_url), flush=True)
     return demo
+
+
+def startup_lines(settings: LaunchSettings, local_url: str) -> str:
+    """Where the UI is, and how to reach it from elsewhere with this script's flags."""
+    lines = [f"ppsf-trainer UI: {local_url}"]
+    if not settings.share and settings.host == LOCAL_HOST:
+        lines.append(
+            "Other machines: python launch.py --listen --auth user:password "
+            "(or --share --auth user:password for a public gradio.live link)."
+        )
+    return "\n".join(lines)
 
 
 # Gradio's queue polls for work every 1 ms (10 ms for progress) off Windows, which costs ~4.5 s of CPU a minute

@@ -34,9 +34,58 @@ SECTIONS: list[tuple[str, str]] = [
 RUN_SECTION = "run"
 
 # "optional_number" is typed into a textbox: an empty box means None (a number widget cannot be empty).
+# "set_or_list" is a named set or a list of names (flux.lora_targets): a dropdown that also takes typed names.
 Kind = Literal[
-    "checkbox", "dropdown", "number", "optional_number", "text", "lines", "choices", "numbers", "scalar"
+    "checkbox",
+    "dropdown",
+    "number",
+    "optional_number",
+    "text",
+    "lines",
+    "choices",
+    "numbers",
+    "scalar",
+    "set_or_list",
 ]
+
+# Labels where the field name alone says too little; every other label is the name in words ("Max steps").
+LABELS = {
+    "name": "Run name",
+    "output_dir": "Runs folder",
+    "model.family": "Model family",
+    "model.path": "Base model",
+    "dataset.path": "Dataset folder",
+    "dataset.trigger_word": "Trigger word",
+    "dataset.resolution": "Resolution (px)",
+    "lora.rank": "LoRA rank",
+    "lora.alpha": "LoRA alpha",
+    "lora.dropout": "LoRA dropout",
+    "training.max_steps": "Training steps",
+    "optimizer.lr": "lr (multiplier on d)",
+    "optimizer.d0": "d0 (starting d)",
+    "optimizer.d_coef": "d_coef (multiplier on d's estimate)",
+    "optimizer.eps": "eps",
+    "optimizer.betas": "betas",
+    "optimizer.beta3": "beta3",
+    "optimizer.prodigy_steps": "Freeze d after (prodigy_steps)",
+    "optimizer.schedulefree_c": "Schedule-free c",
+    "optimizer.use_stableadamw": "StableAdamW update scaling",
+    "optimizer.use_muon_pp": "Muon++",
+    "optimizer.use_adopt": "ADOPT",
+    "optimizer.use_speed": "SPEED",
+    "optimizer.use_focus": "FOCUS",
+    "optimizer.use_grams": "Grams",
+    "optimizer.use_orthograd": "OrthoGrad",
+    "optimizer.use_cautious": "Cautious",
+    "optimizer.d_limiter": "Limit d's growth",
+    "sampling.every_n_steps": "Sample every N steps",
+    "saving.every_n_steps": "Checkpoint every N steps",
+    "saving.keep_last": "Checkpoints kept",
+    "flux.lora_targets": "LoRA targets",
+    "flux.quantize_base": "Quantise the transformer",
+    "flux.quantize_text_encoders": "Quantise the text encoders",
+}
+_WORDS = {"fp32": "fp32", "lr": "lr", "te": "text encoder", "dir": "folder", "n": "N"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +102,20 @@ class FieldSpec:
     optional: bool  # None is a valid value (an empty widget means None)
     integer: bool = False  # number fields: int rather than float
     choices: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """What the form calls the field: LABELS, else its name in words ("max_steps" -> "Max steps")."""
+        if self.key in LABELS:
+            return LABELS[self.key]
+        words = [_WORDS.get(word, word) for word in self.name.split("_")]
+        text = " ".join(words)
+        return text[:1].upper() + text[1:]
+
+    @property
+    def hint(self) -> str:
+        """The help under the widget: the schema's description and the config key it sets."""
+        return f"{self.info} Config key: {self.key}".strip()
 
     @property
     def elem_id(self) -> str:
@@ -120,7 +183,22 @@ def _widget(annotation: Any) -> tuple[Kind, bool, tuple[str, ...]]:
         return "lines", False, ()
     if origin is tuple:
         return "numbers", False, ()
+    named = _named_set_or_list(annotation)
+    if named:
+        return "set_or_list", False, named
     return "scalar", False, ()  # unions such as int | float | Literal["auto"]
+
+
+def _named_set_or_list(annotation: Any) -> tuple[str, ...]:
+    """The names of a `Literal[...] | list[str]` union (a named set or a list of names), else ()."""
+    if not _is_union(annotation):
+        return ()
+    args = typing.get_args(annotation)
+    literals = [a for a in args if typing.get_origin(a) is Literal]
+    lists = [a for a in args if typing.get_origin(a) is list and typing.get_args(a) == (str,)]
+    if len(literals) != 1 or len(lists) != 1 or len(args) != 2:
+        return ()
+    return tuple(str(a) for a in typing.get_args(literals[0]))
 
 
 def _is_union(annotation: Any) -> bool:
@@ -149,6 +227,7 @@ def _with_hint(info: str, kind: Kind, default: Any) -> str:
         "numbers": "Comma-separated numbers.",
         "scalar": "A number, or one of the words named.",
         "optional_number": "Empty: not set.",
+        "set_or_list": "Pick a set, or type module names separated by commas.",
     }
     parts = [info] if info else []
     if kind in hints:
@@ -192,6 +271,8 @@ def to_widget(spec: FieldSpec, value: Any) -> Any:
         return ", ".join(_number_text(v) for v in value or [])
     if spec.kind == "choices":
         return [str(v) for v in value or []]
+    if spec.kind == "set_or_list":
+        return ", ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value or "")
     if spec.kind in ("text", "scalar", "optional_number"):
         return "" if value is None else _number_text(value) if isinstance(value, float) else str(value)
     if spec.kind == "checkbox":
@@ -245,6 +326,10 @@ def from_widget(spec: FieldSpec, raw: Any) -> Any:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if spec.kind == "numbers":
         return [_parse_float(part) for part in text.split(",") if part.strip()]
+    if spec.kind == "set_or_list":
+        if text in spec.choices:
+            return text
+        return [part for part in re.split(r"[,\s]+", text) if part] if text else spec.default
     if not text and (spec.optional or spec.kind == "scalar"):
         return None
     if not text and spec.required:
@@ -403,6 +488,8 @@ def _fits(spec: FieldSpec, value: Any) -> bool:
         return value in spec.choices
     if spec.kind == "choices":
         return isinstance(value, list) and all(item in spec.choices for item in value)
+    if spec.kind == "set_or_list":
+        return isinstance(value, str)
     if spec.kind == "number":
         return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
     return isinstance(value, str)

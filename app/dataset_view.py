@@ -26,6 +26,7 @@ class DatasetOverview:
     thumbnails: list[tuple[Image.Image, str]] = field(default_factory=list)
     buckets: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["bucket", "images"]))
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["file", "reason"]))
+    paths: list[Path] = field(default_factory=list)  # the image of each thumbnail, in gallery order
     problem: str | None = None
 
 
@@ -81,6 +82,7 @@ def dataset_overview(
         ],
         buckets=pd.DataFrame(sorted(counts.items(), key=_bucket_order), columns=["bucket", "images"]),
         skipped=pd.DataFrame([(str(p), reason) for p, reason in scan.skipped], columns=["file", "reason"]),
+        paths=[item.path for item in scan.items[:limit]],
     )
 
 

@@ -9,7 +9,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import fmean
 from typing import Any
 
@@ -194,8 +194,10 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
-def progress_html(value: Progress) -> str:
-    """A progress bar with its text, as HTML for gr.HTML."""
+def progress_html(value: Progress, live: bool = True) -> str:
+    """A progress bar with its text, as HTML for gr.HTML; a run that is not `live` shows no speed or ETA."""
+    if not live:
+        value = replace(value, eta_seconds=None, seconds_per_step=None)
     percent = f"{value.fraction * 100:.1f}"
     return (
         '<div class="ppsf-progress">'

@@ -16,6 +16,7 @@ import pandas as pd
 
 from app import events_view as view
 from app.runner import LOG_FILE, list_run_dirs, log_tail, trainer_pid
+from trainers.checkpoint import list_checkpoints
 from trainers.events import EVENTS_FILE, EventTail
 
 WATCHED_RUNS = 16  # run folders whose history is kept between refreshes (least recently shown go first)
@@ -46,14 +47,14 @@ class RunSnapshot:
     def title(self) -> str:
         """E.g. "**demo** — running"."""
         words = view.stopped_words(self.events) if self.state == "stopped" else STATE_WORDS.get(self.state)
-        return f"**{self.run_dir.name}** — {words or self.state}  \n`{self.run_dir}`"
+        return in_ui_words(f"**{self.run_dir.name}** — {words or self.state}  \n`{self.run_dir}`")
 
     def status_markdown(self) -> str:
         """State plus the run's errors and warnings in words."""
         notices = view.notices_markdown(self.events, self.state)
         if self.state == "not started" and self.log:
             notices = "The trainer exited before it started the run; the log below says why."
-        return notices or "No warnings."
+        return in_ui_words(notices) or "No warnings."
 
 
 def snapshot(run_dir: Path, log_lines: int = 40) -> RunSnapshot:
@@ -65,9 +66,24 @@ def snapshot(run_dir: Path, log_lines: int = 40) -> RunSnapshot:
         state=view.run_state(events, alive),
         alive=alive,
         events=events,
-        log=log_tail(run_dir, log_lines),
+        log=in_ui_words(log_tail(run_dir, log_lines)),
         frames=frames,
     )
+
+
+# The trainer's console says what a terminal user would press; in the UI the buttons do it.
+UI_WORDS = (
+    ("press Ctrl-C again to abort", "Kill now aborts without saving"),
+    ("a second Ctrl-C", "Kill now"),
+    ("Ctrl-C", "Stop"),
+)
+
+
+def in_ui_words(log: str) -> str:
+    """The log tail with terminal key presses named as the UI's buttons."""
+    for terminal, ui in UI_WORDS:
+        log = log.replace(terminal, ui)
+    return log
 
 
 class RunWatch:
@@ -166,7 +182,22 @@ def resolve_run(runs_dir: Path, name: str | None) -> Path | None:
 
 
 def default_run(runs_dir: Path) -> Path | None:
-    """The run to show when nothing is chosen: a running one, else the newest."""
+    """The run to show when nothing is chosen: a running one, else the newest that did not fail before its
+    first checkpoint (None when every run did: a page must not open on a crash the user has moved past)."""
     runs = list_run_dirs(runs_dir)
     running = [r for r in runs if trainer_pid(r) is not None]
-    return (running or runs or [None])[0]
+    usable = [r for r in runs if not failed_before_checkpoint(r)]
+    return (running or usable or [None])[0]
+
+
+def exportable_run(runs_dir: Path) -> Path | None:
+    """The newest run with a checkpoint (what the Export page offers first), or None."""
+    return next((r for r in list_run_dirs(runs_dir) if list_checkpoints(r)), None)
+
+
+def failed_before_checkpoint(run_dir: Path) -> bool:
+    """Whether the run ended (crashed, or exited before it started) without saving any checkpoint."""
+    if trainer_pid(run_dir) is not None or list_checkpoints(run_dir):
+        return False
+    events, _ = watch(run_dir).read()
+    return view.run_state(events, alive=False) in ("crashed", "not started")

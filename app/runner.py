@@ -193,6 +193,28 @@ def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / EVENTS_FILE).exists() or bool(list_checkpoints(run_dir))
 
 
+def free_run_name(runs_dir: Path, name: str) -> str:
+    """`name` if its run folder holds no run, else the first free `name-2`, `name-3`, ... ("demo-2")."""
+    base, number = name, 1
+    stem, _, suffix = name.rpartition("-")
+    if stem and suffix.isdigit() and int(suffix) >= 2:  # demo-2 taken: propose demo-3, not demo-2-2
+        base, number = stem, int(suffix)
+    candidate = name
+    while holds_run(Path(runs_dir) / candidate):
+        number += 1
+        candidate = f"{base}-{number}"
+    return candidate
+
+
+def with_free_name(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """(config, "") when its run folder is free, else (the config renamed to a free name, a note saying so)."""
+    name = free_run_name(Path(config.run_dir).parent, config.name)
+    if name == config.name:
+        return config, ""
+    renamed = config.model_copy(update={"name": name})
+    return renamed, f"`{config.name}` already holds a run, so this one is named **{name}**."
+
+
 def read_pid(run_dir: Path) -> int | None:
     """The pid recorded in the run's trainer.pid, or None."""
     try:
