@@ -261,6 +261,12 @@ def test_config_and_check_name_the_validation_fields(tmp_path, tiny_model, datas
         config.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset, **sections)))
         assert cli(["check", str(config)]) == 2
         assert expected in capsys.readouterr().err
+    config.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset, dataset={"validation": 0.95})))
+    assert cli(["check", str(config)]) == 2
+    assert "dataset.validation: holding out 0.95 of 6 images leaves nothing to train on" in capsys.readouterr().err
+    config.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset, dataset={"validation": 0.3})))
+    assert cli(["check", str(config)]) == 0
+    assert "validation: 2 of the 6 images held out (not trained on)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- export --best

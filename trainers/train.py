@@ -63,7 +63,7 @@ from trainers.freeze import auto_freeze_due, auto_freeze_window, manual_freeze_r
 from trainers.health import HealthMonitor
 from trainers.models import ModelAdapter, SampleConditioning, adapter_for
 from trainers.paths import resolve_dataset_path, resolve_model_path
-from trainers.validation import Validator, build_validator, split_dataset
+from trainers.validation import Validator, build_validator, check_validation, split_dataset
 
 CONFIG_FILE = "config.toml"
 
@@ -146,6 +146,9 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
         return [*problems, f"dataset.path: {error}"], ""
     if problems:
         return problems, ""
+    validation_problems, validation_line = check_validation(config.dataset, scan.items)
+    if validation_problems:
+        return validation_problems, ""
     dataset = config.dataset
     buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
     lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
@@ -157,7 +160,7 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
     if scan.missing_captions:
         lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
     lines += [f"warning: {message}" for message in config_warnings(config)]
-    return [], "\n".join(lines)
+    return [], "\n".join(lines + ([validation_line] if validation_line else []))
 
 
 class Trainer:

@@ -250,3 +250,23 @@ def build_validator(config: TrainConfig, held_out: list[ImageItem]) -> Validator
             "there, or give a fraction of the dataset to hold out (e.g. 0.1)"
         )
     return Validator(config, items)
+
+
+def check_validation(dataset: DatasetConfig, items: list[ImageItem]) -> tuple[list[str], str]:
+    """(problems, summary line) of the validation images, for `check`; ([], "") without validation."""
+    if dataset.validation is None:
+        return [], ""
+    try:
+        _, held_out = split_dataset(dataset, items)
+        validation = validation_items(dataset, held_out)
+    except DatasetError as error:
+        return [
+            str(error) if str(error).startswith("dataset.validation") else f"dataset.validation: {error}"
+        ], ""
+    if not validation:
+        return [
+            f"dataset.validation: no usable image in {dataset.validation}; add images with captions there"
+        ], ""
+    if held_out:
+        return [], f"validation: {len(held_out)} of the {len(items)} images held out (not trained on)"
+    return [], f"validation: {len(validation)} images in {dataset.validation}"
