@@ -216,3 +216,18 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["demo.toml", "demo-flux.toml", "demo-flux2.toml"])
+def test_the_demo_runs_raise_no_health_warning(tmp_path, monkeypatch, preset) -> None:
+    from trainers.config import load_config
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    overrides = [f"output_dir={tmp_path / 'runs'}", "dataset.validation=0.25", "validation.every_n_steps=25"]
+    config = load_config(Path(__file__).resolve().parents[1] / "presets" / preset, overrides)
+    run_dir = training.train(config)
+    events = read_events(run_dir)
+    assert [e for e in events if e["type"] == "warning" and e.get("code") in CODES] == []
+    assert len([e for e in events if e["type"] == "validation"]) == config.training.max_steps // 25

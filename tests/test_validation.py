@@ -120,6 +120,20 @@ def test_validation_changes_no_training_and_resume_repeats_it(
     ]
 
 
+def test_text_encoder_training_validates_without_changing_training(
+    tmp_path, tiny_model, dataset, validation_folder
+) -> None:
+    # the captions are encoded at each evaluation with the text encoders' eval-mode LoRA
+    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "dropout": 0.1}
+    common = {"lora": lora, "training": {"max_steps": 6}}
+    plain = run(tmp_path / "plain", tiny_model, dataset, **common)
+    checked = run(
+        tmp_path / "checked", tiny_model, dataset, **common, **validated(validation_folder, every=2)
+    )
+    assert [e["loss"] for e in events_of(checked, "step")] == [e["loss"] for e in events_of(plain, "step")]
+    assert [e["step"] for e in events_of(checked, "validation")] == [2, 4, 6]
+
+
 def test_the_same_weights_give_the_same_value_twice(
     tmp_path, tiny_model, dataset, validation_folder, monkeypatch
 ):
@@ -263,7 +277,10 @@ def test_config_and_check_name_the_validation_fields(tmp_path, tiny_model, datas
         assert expected in capsys.readouterr().err
     config.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset, dataset={"validation": 0.95})))
     assert cli(["check", str(config)]) == 2
-    assert "dataset.validation: holding out 0.95 of 6 images leaves nothing to train on" in capsys.readouterr().err
+    assert (
+        "dataset.validation: holding out 0.95 of 6 images leaves nothing to train on"
+        in capsys.readouterr().err
+    )
     config.write_text(tomli_w.dumps(make_config(tmp_path, tiny_model, dataset, dataset={"validation": 0.3})))
     assert cli(["check", str(config)]) == 0
     assert "validation: 2 of the 6 images held out (not trained on)" in capsys.readouterr().out

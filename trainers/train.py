@@ -176,12 +176,12 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, resume_from: Path | None, warnings: Sequence[str] = ()) -> Path:
         """Train to the end (or to a stop request); `warnings` are reported as events first."""
-        # a stop asked for while models load is honoured before the first step
         self.controls = ControlChannel(self.run_dir)
         try:
             self.controls.acquire()  # from here on the run counts as running for `trainers control`
         except ControlError as error:
             raise TrainingError(str(error)) from None
+        # a stop asked for while models load is honoured before the first step
         previous_handlers = stop.install()
         events = None
         try:
@@ -242,6 +242,7 @@ class Trainer:
             self.events.write("warning", code="config", message=message)
         torch.manual_seed(config.training.seed)
         data = self._prepare_data()
+        validator = build_validator(config, data.held_out)  # its images are checked before any model loads
         total_steps = self._total_steps(data)
         self.events.write(
             "start",
@@ -257,7 +258,6 @@ class Trainer:
         adapter = adapter_class(config.model_copy(update={"model": local_model}), self.device)
         adapter.load()
         latents, texts = self._fill_caches(adapter, data)
-        validator = build_validator(config, data.held_out)
         if validator is not None:
             validator.prepare(adapter, latents, texts)  # encoded once, while the encoders are loaded
         adapter.offload_encoders()
