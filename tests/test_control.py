@@ -138,6 +138,26 @@ def test_stale_request_is_refused_not_acted_on(tmp_path, tiny_model, dataset) ->
     assert of(run_dir, "done"), "the stale stop did not stop the run"
 
 
+def test_a_request_the_run_ends_before_is_refused(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    original = training.export_checkpoint
+
+    def export_and_request(run_dir, *args, **kwargs):  # after the last step's controls were read
+        request_control(run_dir, "checkpoint")
+        return original(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training, "export_checkpoint", export_and_request)
+    run_dir = training.train(
+        validate_config(make_config(tmp_path, tiny_model, dataset, training={"max_steps": 2}))
+    )
+    (ack,) = of(run_dir, "control")
+    assert (ack["action"], ack["status"], ack["message"]) == (
+        "checkpoint",
+        "refused",
+        "the run ended before acting on it",
+    )
+    assert not trainer_running(run_dir)
+
+
 def test_a_run_that_is_not_running_refuses(tmp_path, capsys) -> None:
     run_dir = tmp_path / "runs" / "idle"
     run_dir.mkdir(parents=True)
