@@ -1,6 +1,40 @@
 """runs/<name>/events.jsonl: one JSON object per line, appended by the trainer, read by the UI and tests.
 
-Event types: start, dataset, step, sample, checkpoint, freeze, warning, stopped, done, error.
+Event types: start, dataset, step, sample, checkpoint, freeze, warning, validation, control, resumed,
+stopped, done, error. Every event has `type` and `time` (Unix seconds); most have `step` (optimizer steps
+done). Fields of the ones the insight features write (issue 11):
+
+validation  the loss of the averaged weights x (what is exported) on the validation images, at fixed noise
+            and fixed timesteps, so values compare step to step, run to run and across a resume. The `step`
+            events' `loss` is the training loss at the training point y: name the curves accordingly.
+    step        int    the step it was measured after
+    loss        float  mean per-sample loss of the family's training objective (trainers/validation.py)
+    best_step   int    the step with the lowest validation loss so far (what `export --best` picks)
+    best_loss   float  that loss
+    images      int    validation images; timesteps: int, fixed timesteps per image
+    seconds     float  what the evaluation took
+warning     something the user should know; printed once on the CLI. Optimizer-health codes
+            (trainers/health.py): lr_not_one, d_stuck, d_growing_late, text_encoder_d_high, overfitting,
+            nonfinite_gradients, weight_decay_lora (each at most once per run); and config,
+            image_skipped, dataset, latents_not_cached, checkpoint_broken for the trainer's other warnings.
+    code        str    one of the above
+    message     str    the whole sentence to show, including what to do
+    step        int    when it was found (health codes; the others may lack it: they come before step 1)
+    ...                details per code: lr / text_encoder_lr (lr_not_one), group and d (d_stuck), group
+                       and growth (d_growing_late), group and ratio (text_encoder_d_high), best_step
+                       (overfitting), count and since_step (nonfinite_gradients), per_step (weight_decay_lora)
+control     the trainer's answer to a request from `python -m trainers control RUN ACTION` or the UI
+            (trainers/control.py: request_control), once per request, after acting on it
+    action      str    freeze, sample, checkpoint or stop
+    status      str    "done" or "refused"
+    message     str    what happened, or why not (already frozen, no sampling prompts, sent before this
+                       trainer started, the run ended first)
+    request     str    the id request_control returned
+    step        int    the step it was handled after (absent when refused as the run ended)
+freeze      Prodigy's d stopped adapting
+    step        int    the step it was logged after; since_step: int, the first step run with the frozen d
+    d           list   d per optimizer group
+    rule        str    "prodigy_steps", "auto" or "manual" (a `control` freeze)
 """
 
 from __future__ import annotations
