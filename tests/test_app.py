@@ -635,6 +635,7 @@ def test_ui_builds_with_one_widget_per_field(tmp_path):
 def test_setup_memory_estimate_follows_the_form_and_the_card(tmp_path, monkeypatch):
     """The Setup page and the Run tab show check's estimate of the form's config and its verdict."""
     from app import ui
+    from app.pages import setup
 
     monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
     monkeypatch.setenv("PPSF_MEMORY_CACHE", str(tmp_path / "memory-cache"))
@@ -644,13 +645,13 @@ def test_setup_memory_estimate_follows_the_form_and_the_card(tmp_path, monkeypat
         allow_parallel_runs=False,
         configs_dir=tmp_path / "configs",
     )
-    values = ui._preset_values(ctx, "demo")
-    roomy, _ = ui._memory_estimate(ctx, 24, tuple(values))
+    values = setup.preset_values(ctx, "demo")
+    roomy, _ = setup.memory_estimate(ctx, 24, tuple(values))
     assert roomy.startswith("**Estimated peak:") and "fits a 24 GB card" in roomy
-    tight, beside_start = ui._memory_estimate(ctx, 0.001, tuple(values))
+    tight, beside_start = setup.memory_estimate(ctx, 0.001, tuple(values))
     assert "does NOT fit" in tight and beside_start == tight
-    unknown, _ = ui._memory_estimate(ctx, None, tuple(values))
+    unknown, _ = setup.memory_estimate(ctx, None, tuple(values))
     assert "enter the card's memory" in unknown or "fits" in unknown  # a GPU machine judges its own card
     values[[s.key for s in ctx.specs].index("training.batch_size")] = 0
-    invalid, _ = ui._memory_estimate(ctx, 24, tuple(values))
+    invalid, _ = setup.memory_estimate(ctx, 24, tuple(values))
     assert "waits for a valid config" in invalid

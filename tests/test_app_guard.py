@@ -332,7 +332,8 @@ def _ignoring_trainer(action: str, target: Path) -> list[str]:
 
 def test_stop_pressed_many_times_sends_one_sigint(tmp_path, monkeypatch, sent_signals):
     from app import runner
-    from app.ui import UiContext, _stop
+    from app.pages.common import UiContext
+    from app.pages.run import _stop
 
     monkeypatch.setattr(runner, "trainer_command", _ignoring_trainer)
     runs_dir = tmp_path / "runs"
@@ -639,18 +640,19 @@ def test_the_kept_form_drops_what_does_not_fit_todays_fields():
 def test_restore_handler_fills_only_kept_fields(tmp_path):
     import gradio as gr
 
-    from app.ui import UiContext, _browser_secret, _restore_form
+    from app.pages.common import UiContext
+    from app.pages.setup import browser_secret, restore_form
 
     ctx = UiContext(runs_dir=tmp_path, presets_dir=tmp_path, allow_parallel_runs=False, configs_dir=tmp_path)
     keys = [s.key for s in ctx.specs]
-    nothing = _restore_form(ctx, None)
+    nothing = restore_form(ctx, None)
     assert len(nothing) == len(keys) + 1 and all(isinstance(u, type(gr.skip())) for u in nothing)
-    updates = _restore_form(ctx, {"training.max_steps": "42"})
+    updates = restore_form(ctx, {"training.max_steps": "42"})
     assert updates[keys.index("training.max_steps")] == "42"
     assert sum(not isinstance(u, type(gr.skip())) for u in updates[:-1]) == 1
     assert "Restored" in updates[-1]
-    secret = _browser_secret(tmp_path)
-    assert secret == _browser_secret(tmp_path) and len(secret) >= 24  # the same after a restart
+    secret = browser_secret(tmp_path)
+    assert secret == browser_secret(tmp_path) and len(secret) >= 24  # the same after a restart
     assert (tmp_path / ".ui-browser-secret").stat().st_mode & 0o077 == 0
 
 

@@ -264,7 +264,8 @@ def long_run(tmp_path_factory) -> Path:
 
 
 def test_a_refresh_of_a_100k_step_run_draws_a_bounded_number_of_points(long_run):
-    from app.ui import UiContext, _refresh_run
+    from app.pages.common import UiContext
+    from app.pages.run import _refresh_run
 
     ctx = UiContext(
         runs_dir=long_run.parent,
