@@ -1,4 +1,4 @@
-"""Command line: python -m trainers {train,resume,check,export}."""
+"""Command line: python -m trainers {train,resume,check,export,control}."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--checkpoint", type=int, help="checkpoint step (default: the newest)")
     export.add_argument(
+        "--best", action="store_true", help="the checkpoint at the step with the lowest validation loss"
+    )
+    control = commands.add_parser(
+        "control", help="ask a running trainer to freeze d, sample, checkpoint or stop"
+    )
+    control.add_argument("run_dir", type=Path)
+    control.add_argument("action", choices=["freeze", "sample", "checkpoint", "stop"])
+    export.add_argument(
         "--format", choices=["kohya", "diffusers"], action="append", help="default: the config's"
     )
     args = parser.parse_args(argv)
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "control":
+        return _control(args.run_dir, args.action)
     from trainers import train as training
 
     try:
@@ -81,11 +91,31 @@ def _command(args: argparse.Namespace, training) -> int:
     from trainers.checkpoint import checkpoint_dir
     from trainers.export_run import export_checkpoint
 
-    folder = checkpoint_dir(args.run_dir, args.checkpoint) if args.checkpoint is not None else None
+    if args.best and args.checkpoint is not None:
+        raise ValueError("give either --best or --checkpoint STEP, not both")
+    if args.best:
+        from trainers.export_run import best_checkpoint
+
+        folder = best_checkpoint(args.run_dir)
+    else:
+        folder = checkpoint_dir(args.run_dir, args.checkpoint) if args.checkpoint is not None else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no checkpoint folder {folder}")
     for path in export_checkpoint(args.run_dir, folder, args.format):
         print(path)
+    return 0
+
+
+def _control(run_dir: Path, action: str) -> int:
+    """Leave a request for the running trainer; the `control` event in its events.jsonl answers it."""
+    from trainers.control import ControlError, request_control
+
+    try:
+        request = request_control(run_dir, action)
+    except ControlError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{action} requested ({request}); the trainer acts on it after its current step")
     return 0
 
 

@@ -29,6 +29,7 @@ def config_problems(config: TrainConfig) -> list[str]:
     problems = path_problems(config)
     model_is_usable = not any(problem.startswith("model.path") for problem in problems)
     problems += _missing_packages(config) + _write_problems(config) + _empty_target_problems(config)
+    problems += _validation_problems(config)
     if model_is_usable:  # the architecture is only looked at in a model known to be the right kind
         problems += _target_problems(config)
     return problems
@@ -66,6 +67,36 @@ def path_problems(config: TrainConfig) -> list[str]:
         elif not folder.is_dir():
             problems.append(f"dataset.path: {folder} is a file; give the folder that holds the images")
     return problems
+
+
+def _validation_problems(config: TrainConfig) -> list[str]:
+    """A validation folder that is missing or is the training folder; validation steps with nothing to
+    validate on."""
+    source = config.dataset.validation
+    if source is None:
+        if config.validation.every_n_steps:
+            return [
+                "validation.every_n_steps: there are no validation images; set dataset.validation to a "
+                "folder, or to a fraction of the dataset to hold out (e.g. 0.1)"
+            ]
+        return []
+    if not isinstance(source, str):
+        return []
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        return [
+            f"dataset.validation: {folder} does not exist; give a folder of validation images, or a "
+            "fraction of the dataset to hold out written as a number (e.g. 0.1, without quotes)"
+        ]
+    if not folder.is_dir():
+        return [f"dataset.validation: {folder} is a file; give the folder that holds the validation images"]
+    dataset = config.dataset.path
+    if not dataset.startswith(DEMO_SCHEME) and folder.resolve() == Path(dataset).expanduser().resolve():
+        return [
+            "dataset.validation: is the training folder itself, so the loss would be measured on trained "
+            "images; give a separate folder, or a fraction to hold out (e.g. 0.1)"
+        ]
+    return []
 
 
 def _model_path_problems(model: str, family: str) -> list[str]:

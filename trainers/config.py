@@ -75,6 +75,21 @@ class DatasetConfig(_Section):
         True, description="Encode captions once (only when captions are fixed and text encoders frozen)."
     )
 
+    validation: str | float | None = Field(
+        None,
+        description="Images to measure the validation loss on: a folder laid out like the dataset, or a "
+        "fraction (0 < x < 1) of the dataset held out from training (the same images every run).",
+    )
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_source(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("a held-out fraction must be between 0 and 1 (e.g. 0.1), or give a folder")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a folder of validation images, or be a fraction such as 0.1")
+        return value
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_64(cls, value: int) -> int:
@@ -237,6 +252,25 @@ class SamplingConfig(_Section):
         return value
 
 
+class ValidationConfig(_Section):
+    """The validation loss of the averaged weights x (what is exported), on dataset.validation's images."""
+
+    every_n_steps: int = Field(0, ge=0, description="Validate every N steps; 0 = only at the end.")
+    timesteps: int = Field(
+        4, gt=0, le=64, description="Fixed timesteps per image, spread over the training schedule."
+    )
+
+
+class HealthConfig(_Section):
+    """When the optimizer-health warnings speak up (the other thresholds are fixed, see trainers/health.py)."""
+
+    text_encoder_d_ratio: float = Field(
+        10.0,
+        gt=1.0,
+        description="Warn when a text encoder's step size exceeds the denoiser's this many times.",
+    )
+
+
 class SavingConfig(_Section):
     every_n_steps: int = Field(250, ge=0, description="Checkpoint (LoRA + optimizer state) every N steps.")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
@@ -257,6 +291,8 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     saving: SavingConfig = Field(default_factory=SavingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     flux: FluxTrainingOptions = Field(
         default_factory=FluxTrainingOptions, description="Flux.1 / Flux.2 options (model.family flux, flux2)."
     )

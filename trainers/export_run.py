@@ -118,6 +118,34 @@ def export_checkpoint(
     return written
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint at the step with the lowest validation loss; ValueError saying what to do when the
+    run has no validation or that checkpoint was not kept."""
+    from trainers.checkpoint import checkpoint_dir
+    from trainers.events import read_events
+
+    run_dir = Path(run_dir)
+    results = [e for e in read_events(run_dir) if e.get("type") == "validation"]
+    if not results:
+        raise ValueError(
+            f"{run_dir} has no validation results, so there is no best step; set dataset.validation (a "
+            "folder, or a fraction to hold out such as 0.1) and validation.every_n_steps in the config"
+        )
+    best = min(results, key=lambda e: e["loss"])
+    kept = dict(list_checkpoints(run_dir))
+    if best["step"] in kept:
+        return kept[best["step"]]
+    config = load_config(run_dir / "config.toml")
+    every = config.validation.every_n_steps
+    kept_text = ", ".join(str(step) for step in kept) or "none"
+    raise ValueError(
+        f"the best validation loss ({best['loss']:.5g}) was at step {best['step']}, but no checkpoint of that "
+        f"step was kept (kept steps: {kept_text}; {checkpoint_dir(run_dir, best['step'])} is missing). To keep it "
+        f"next time set saving.every_n_steps = {every or 'validation.every_n_steps'} (validate and save at the "
+        "same steps) and a larger saving.keep_last; `--checkpoint STEP` exports one of the kept steps"
+    )
+
+
 def _metadata(run_dir: Path, document: dict, step: int) -> dict[str, str]:
     path = run_dir / EXPORT_METADATA_FILE
     metadata = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -31,3 +31,12 @@ def auto_freeze_due(d_history: list[list[float]], step: int, total_steps: int) -
         return False
     now, before = d_history[-1], d_history[-1 - window]
     return all(d_now <= d_before * (1 + AUTO_GROWTH_TOLERANCE) for d_now, d_before in zip(now, before))
+
+
+def manual_freeze_refusal(optimizer) -> str | None:
+    """Why d cannot be frozen now (it already is), or None. A manual freeze sets the groups'
+    prodigy_steps, which the checkpoint saves, so it holds after a resume."""
+    frozen = [r for r in optimizer.telemetry() if r["d_frozen"]]
+    if frozen:
+        return f"d is already frozen (since step {frozen[0]['d_frozen_since_step']})"
+    return None

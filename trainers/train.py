@@ -46,6 +46,7 @@ from trainers.checkpoint import (
 )
 from trainers.checks import config_problems, config_warnings
 from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
+from trainers.control import ControlChannel, ControlError, ControlRequest
 from trainers.dataset import (
     DatasetError,
     ImageItem,
@@ -56,11 +57,13 @@ from trainers.dataset import (
     process_caption,
     scan_dataset,
 )
-from trainers.events import EventLog
+from trainers.events import EventLog, read_events
 from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
-from trainers.freeze import auto_freeze_due, auto_freeze_window, prodigy_steps_for
+from trainers.freeze import auto_freeze_due, auto_freeze_window, manual_freeze_refusal, prodigy_steps_for
+from trainers.health import HealthMonitor
 from trainers.models import ModelAdapter, SampleConditioning, adapter_for
 from trainers.paths import resolve_dataset_path, resolve_model_path
+from trainers.validation import Validator, build_validator, split_dataset
 
 CONFIG_FILE = "config.toml"
 
@@ -75,6 +78,7 @@ class PreparedData:
     items: list[ImageItem]
     buckets: list[tuple[int, int]]  # per item
     skipped: list[tuple[Path, str]]
+    held_out: list[ImageItem]  # held out for validation (dataset.validation as a fraction)
 
 
 @dataclass
@@ -91,6 +95,8 @@ class _Session:
     total_steps: int
     latents: TensorCache | None
     texts: TensorCache | None
+    health: HealthMonitor
+    validator: Validator | None
     batches: list[list[int]] | None = None  # the current epoch's order
 
 
@@ -162,19 +168,24 @@ class Trainer:
 
     @property
     def stop_requested(self) -> bool:
-        return stop.requested()
+        return stop.requested() or self.controls.stop_requested
 
     # ------------------------------------------------------------------ the run
     def run(self, resume_from: Path | None, warnings: Sequence[str] = ()) -> Path:
         """Train to the end (or to a stop request); `warnings` are reported as events first."""
         # a stop asked for while models load is honoured before the first step
+        self.controls = ControlChannel(self.run_dir)
+        try:
+            self.controls.acquire()  # from here on the run counts as running for `trainers control`
+        except ControlError as error:
+            raise TrainingError(str(error)) from None
         previous_handlers = stop.install()
         events = None
         try:
             events = self.events = EventLog(self.run_dir)
             for warning in warnings:
                 print(f"warning: {warning}", file=sys.stderr)
-                events.write("warning", message=warning)
+                events.write("warning", code="checkpoint_broken", message=warning)
             self._run(resume_from)
         except KeyboardInterrupt:
             self._report("stopped", message="aborted by a second Ctrl-C", **self._last_checkpoint_info())
@@ -188,7 +199,9 @@ class Trainer:
             stop.restore(previous_handlers)
             if events is not None:
                 with contextlib.suppress(OSError):  # what could not be written is reported already
+                    self._refuse_controls("the run ended before acting on it")
                     events.close()
+            self.controls.release()
         return self.run_dir
 
     def _report(self, event_type: str, **fields) -> None:
@@ -223,7 +236,7 @@ class Trainer:
         adapter_class.check_device(config, self.device)  # e.g. an 8-bit format this device cannot run
         for message in config_warnings(config):
             print(f"warning: {message}", file=sys.stderr)
-            self.events.write("warning", message=message)
+            self.events.write("warning", code="config", message=message)
         torch.manual_seed(config.training.seed)
         data = self._prepare_data()
         total_steps = self._total_steps(data)
@@ -241,6 +254,9 @@ class Trainer:
         adapter = adapter_class(config.model_copy(update={"model": local_model}), self.device)
         adapter.load()
         latents, texts = self._fill_caches(adapter, data)
+        validator = build_validator(config, data.held_out)
+        if validator is not None:
+            validator.prepare(adapter, latents, texts)  # encoded once, while the encoders are loaded
         adapter.offload_encoders()
         torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
         params_by_component = adapter.add_lora()
@@ -259,10 +275,29 @@ class Trainer:
             state = load_checkpoint(resume_from, params, optimizer, generator)
             restore_python_rng(rng, state.python_rng)
         self.events.truncate_after(state.step)  # a resumed run repeats what came after its checkpoint
+        health = HealthMonitor(config, self.events, total_steps, self.group_names, len(data.items))
+        kept = read_events(self.run_dir)
+        health.restore(kept)  # the warnings already given, and the d's and losses they look back on
+        if validator is not None:
+            validator.restore(kept)
         if resume_from is not None:
             self.events.write("resumed", step=state.step, checkpoint=str(resume_from))
+        health.at_start(state.step)
         self._loop(
-            _Session(adapter, optimizer, params, generator, rng, state, data, total_steps, latents, texts)
+            _Session(
+                adapter,
+                optimizer,
+                params,
+                generator,
+                rng,
+                state,
+                data,
+                total_steps,
+                latents,
+                texts,
+                health,
+                validator,
+            )
         )
 
     def _stopped_before_the_first_step(self, **step) -> bool:
@@ -292,6 +327,10 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.4f}", d=f"{run.optimizer.param_groups[0]['d']:.2e}")
                 progress.update(1)
                 self._maybe_freeze(run.optimizer, state, run.total_steps)
+                run.health.after_step(state.step, loss, run.optimizer)
+                if run.validator is not None and run.validator.due(state.step, run.total_steps):
+                    self._validate(run)
+                self._act_on_controls(run)
                 if _due(config.sampling.every_n_steps, state.step, run.total_steps):
                     self._sample(run.adapter, run.optimizer, state.step)
                 if self.stop_requested:
@@ -353,22 +392,24 @@ class Trainer:
         scan = scan_dataset(root, dataset.caption_extension)
         for path, reason in scan.skipped:
             print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-            self.events.write("warning", message=f"skipped image {path}: {reason}")
-        buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
-        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect):
+            self.events.write("warning", code="image_skipped", message=f"skipped image {path}: {reason}")
+        items, held_out = split_dataset(dataset, scan.items)
+        buckets = assign_buckets(items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
+        for message in scan.warnings + crop_warnings(items, buckets, dataset.max_aspect):
             print(f"warning: {message}", file=sys.stderr)
-            self.events.write("warning", message=message)
+            self.events.write("warning", code="dataset", message=message)
         summary = bucket_summary(buckets)
         print(summary)
         self.events.write(
             "dataset",
-            images=len(scan.items),
-            samples_per_epoch=scan.num_samples,
+            images=len(items),
+            held_out=len(held_out),
+            samples_per_epoch=sum(item.repeats for item in items),
             skipped=[[str(p), r] for p, r in scan.skipped],
             missing_captions=len(scan.missing_captions),
             buckets={f"{w}x{h}": buckets.count((w, h)) for w, h in sorted(set(buckets))},
         )
-        return PreparedData(root=root, items=scan.items, buckets=buckets, skipped=scan.skipped)
+        return PreparedData(root=root, items=items, buckets=buckets, skipped=scan.skipped, held_out=held_out)
 
     def _total_steps(self, data: PreparedData) -> int:
         training = self.config.training
@@ -396,7 +437,11 @@ class Trainer:
                         key, self._encode_image(adapter, item, data.buckets[index], random.Random(key))
                     )
         elif dataset.cache_latents:
-            self.events.write("warning", message="latents are not cached with dataset.crop = 'random'")
+            self.events.write(
+                "warning",
+                code="latents_not_cached",
+                message="latents are not cached with dataset.crop = 'random'",
+            )
         texts = None
         if dataset.cache_text_embeddings and self._captions_are_fixed():
             texts = text_cache(cache_root(data.root, dataset.cache_dir), adapter.cache_fingerprint())
@@ -493,6 +538,60 @@ class Trainer:
                 d=ds,
                 rule="auto" if self.config.optimizer.prodigy_steps == "auto" else "prodigy_steps",
             )
+
+    def _validate(self, run: _Session) -> None:
+        result = run.validator.evaluate(run.adapter, run.optimizer, run.state.step)
+        self.events.write("validation", **result)
+        run.health.after_validation(result["step"], result["loss"], result["best_step"])
+
+    # ------------------------------------------------------------------ live controls
+    def _act_on_controls(self, run: _Session) -> None:
+        """Carry out the requests `python -m trainers control` (or the UI) left since the last step."""
+        for request in self.controls.pending():
+            if self.controls.is_stale(request):
+                status, message = "refused", "sent before this trainer started; send it again"
+            else:
+                status, message = self._control(request, run)
+            self.events.write(
+                "control",
+                step=run.state.step,
+                action=request.action,
+                status=status,
+                message=message,
+                request=request.id,
+            )
+            self.controls.done(request)
+
+    def _control(self, request: ControlRequest, run: _Session) -> tuple[str, str]:
+        """(status, message) of one request, after acting on it."""
+        step = run.state.step
+        if request.action == "freeze":
+            refusal = manual_freeze_refusal(run.optimizer)
+            if refusal:
+                return "refused", refusal
+            run.optimizer.freeze_d()
+            run.state.d_frozen_logged = True
+            d = [g["d"] for g in run.optimizer.param_groups]
+            self.events.write("freeze", step=step, since_step=step + 1, d=d, rule="manual")
+            return "done", f"d frozen at {', '.join(f'{v:.3g}' for v in d)} from step {step + 1} on"
+        if request.action == "sample":
+            if not self.config.sampling.prompts:
+                return "refused", "sampling.prompts is empty: add prompts to the config to sample"
+            self._sample(run.adapter, run.optimizer, step)
+            return "done", f"samples of step {step} written"
+        if request.action == "checkpoint":
+            return "done", f"checkpoint written: {self._checkpoint(run)}"
+        if request.action == "stop":
+            self.controls.stop_requested = True
+            return "done", "stopping after this step; a checkpoint is saved"
+        return "refused", f"unknown action {request.action!r}"
+
+    def _refuse_controls(self, message: str) -> None:
+        for request in self.controls.pending():
+            self.events.write(
+                "control", action=request.action, status="refused", message=message, request=request.id
+            )
+            self.controls.done(request)
 
     def _log_step(self, optimizer, state: TrainerState, loss: float, seconds: float, samples: int) -> None:
         names = self.group_names

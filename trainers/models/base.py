@@ -106,6 +106,18 @@ class ModelAdapter(ABC):
         """Per-sample loss of one batch (noise, timesteps and weighting drawn from `generator`)."""
 
     @abstractmethod
+    def validation_loss(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        conditioning: list[SampleConditioning],
+        noise: torch.Tensor,
+        quantiles: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss of the training objective at given `noise` (latents' shape) and at the timesteps
+        at `quantiles` in (0, 1) of the training timestep distribution; draws nothing at random."""
+
+    @abstractmethod
     def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
         """One image per prompt with the current weights, at fixed seeds."""
 

@@ -54,6 +54,17 @@ def sample_base_sigmas(
     return torch.sigmoid(options.sigmoid_scale * torch.randn(batch, generator=generator, device=device))
 
 
+def quantile_base_sigmas(options: FluxTrainingOptions, quantiles: torch.Tensor) -> torch.Tensor:
+    """The unshifted sigmas at `quantiles` in (0, 1) of the distribution sample_base_sigmas draws from
+    (its inverse CDF), for evaluations at fixed points spread as training spreads them."""
+    if options.timestep_sampling == "uniform":
+        return quantiles
+    normal = torch.special.ndtri(quantiles)  # the standard normal's quantile function
+    if options.timestep_sampling == "logit_normal":
+        return torch.sigmoid(options.logit_mean + options.logit_std * normal)
+    return torch.sigmoid(options.sigmoid_scale * normal)
+
+
 def resolution_mu(token_count: int) -> float:
     """mu linear in the packed image-token count: 0.5 at 256 tokens, 1.15 at 4096 (extrapolated beyond)."""
     slope = (SHIFT_MAX_MU - SHIFT_BASE_MU) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
@@ -335,6 +346,25 @@ class FlowMatchingAdapter(ModelAdapter):
         x0 = latents.to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         sigmas = sample_sigmas(self.options, x0.shape[0], self._token_count(x0), generator, self.device)
+        return self._loss_at(x0, text, noise, sigmas)
+
+    def validation_loss(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        conditioning: list[SampleConditioning] | None,
+        noise: torch.Tensor,
+        quantiles: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss at the sigmas at `quantiles` of the training distribution (shift included)."""
+        x0 = latents.to(self.device, torch.float32)
+        base = quantile_base_sigmas(self.options, quantiles.to(self.device, torch.float32))
+        sigmas = shift_sigmas(base, shift_for(self.options, self._token_count(x0)))
+        return self._loss_at(x0, text, noise.to(self.device, torch.float32), sigmas)
+
+    def _loss_at(
+        self, x0: torch.Tensor, text: dict[str, torch.Tensor], noise: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
         noisy = noisy_latents(x0, noise, sigmas)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             prediction = self._predict(noisy.to(self.dtype), sigmas, text)

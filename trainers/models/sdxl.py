@@ -197,6 +197,32 @@ class SDXLAdapter(ModelAdapter):
             noise = noise + training.noise_offset * offset
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (batch,), generator=generator, device=self.device)
+        return self._loss_at(latents, text, conditioning, noise, timesteps)
+
+    def validation_loss(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        conditioning: list[SampleConditioning],
+        noise: torch.Tensor,
+        quantiles: torch.Tensor,
+    ) -> torch.Tensor:
+        # training draws timesteps uniformly from [0, steps): quantile q is timestep floor(q * steps)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = (quantiles.to(self.device) * steps).long().clamp(0, steps - 1)
+        latents = latents.to(self.device, torch.float32)
+        return self._loss_at(latents, text, conditioning, noise.to(self.device, torch.float32), timesteps)
+
+    def _loss_at(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        conditioning: list[SampleConditioning],
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss of fp32 `latents` noised with `noise` to `timesteps`."""
+        training = self.config.training
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = (
             noise
