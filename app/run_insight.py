@@ -15,7 +15,7 @@ import gradio as gr
 from app import run_controls
 from app.health_banner import banner_html
 from app.run_view import change_signature, watch
-from app.validation_view import training_points, validation_caption, validation_frame
+from app.validation_view import PLOT_TITLE, training_points, validation_caption, validation_frame
 from trainers.control import CONTROL_DIR
 
 Resolve = Callable[[str], Path | None]  # the page's current-run state -> the run folder shown
@@ -40,8 +40,8 @@ def controls_row() -> Controls:
     """Freeze d now / Sample now / Checkpoint now (Stop and Kill are the page's run buttons)."""
     with gr.Row(equal_height=True):
         gr.Markdown(
-            "**While it trains:** acted on after the current step; Stop above also stops a run "
-            "started from the command line."
+            "**Live controls**, acted on after the current step (Stop above also reaches a run started "
+            "from the command line):"
         )
         buttons = {
             action: gr.Button(label, size="sm", elem_id=f"control-{action}") for action, label in BUTTONS
@@ -62,7 +62,7 @@ def validation_plot() -> ValidationPlot:
             x="step",
             y="loss",
             color="series",
-            title="Training loss at y and validation loss at x",
+            title=PLOT_TITLE,
             height=300,
             elem_id="plot-validation",
         )

@@ -16,8 +16,10 @@ from app.events_view import empty_frame
 
 Event = dict[str, Any]
 
-TRAINING_SERIES = "training loss (at y, the training point)"
-VALIDATION_SERIES = "validation loss (at x, the exported weights)"
+# Short enough for the plot legend (it cuts labels at about 25 characters); the title says what y and x are.
+TRAINING_SERIES = "training loss at y"
+VALIDATION_SERIES = "validation loss at x"
+PLOT_TITLE = "Training loss at y (the training point) and validation loss at x (the exported weights)"
 COLUMNS = ["step", "loss", "series"]
 
 

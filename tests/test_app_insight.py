@@ -81,6 +81,11 @@ def test_status_notices_leave_health_warnings_to_the_banner():
     notices = view.notices_markdown(WARNINGS, "running")
     assert "skipped image a.png" in notices
     assert "Prodigy" not in notices and "d0" not in notices
+    from app.run_view import RunSnapshot
+
+    health_only = RunSnapshot(Path("r"), "running", True, [WARNINGS[0]], "", [])
+    assert health_only.status_markdown() == ""  # not "No warnings." above a banner that shows one
+    assert RunSnapshot(Path("r"), "running", True, [], "", []).status_markdown() == "No warnings."
 
 
 def test_an_unknown_code_from_a_newer_trainer_is_spelled_out(monkeypatch):
@@ -151,8 +156,8 @@ def test_run_page_refresh_draws_validation_banner_and_acknowledgements(tmp_path)
     assert updates[0][5] is None  # the plot is cleared before its first series are drawn
     sig, key, acks, banner, box, frame, caption = updates[-1]
     assert set(frame["series"]) == {
-        "training loss (at y, the training point)",
-        "validation loss (at x, the exported weights)",
+        "training loss at y",
+        "validation loss at x",
         "best validation: step 3",
     }
     assert box.visible is True and "step **3**" in caption

@@ -180,8 +180,12 @@ def test_validation_frame_names_both_losses_and_marks_the_best_step():
     training = [(1, 0.5), (2, 0.4), (3, 0.35)]
     frame = validation.validation_frame(events, training)
     by_series = {name: list(zip(group["step"], group["loss"])) for name, group in frame.groupby("series")}
-    assert by_series["training loss (at y, the training point)"] == training
-    assert by_series["validation loss (at x, the exported weights)"] == [(2, 0.3), (4, 0.2), (6, 0.25)]
+    assert by_series["training loss at y"] == training
+    assert by_series["validation loss at x"] == [(2, 0.3), (4, 0.2), (6, 0.25)]
+    assert (
+        "y (the training point)" in validation.PLOT_TITLE
+        and "x (the exported weights)" in validation.PLOT_TITLE
+    )
     assert by_series["best validation: step 4"] == [(4, 0.2), (4, 0.5)]  # spans the plotted values
     assert validation.validation_frame([], training) is None
     assert "step **4**" in validation.validation_caption(events)

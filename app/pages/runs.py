@@ -77,6 +77,11 @@ def _show_run(ctx: UiContext, name: str | None) -> list[Any]:
 
 # ---------------------------------------------------------------- compare runs (app/compare_view.py)
 def _build_compare(ctx: UiContext, tab: gr.Tab, refresh: gr.Button) -> None:
+    with gr.Column(elem_id="compare-section"):
+        _compare_widgets(ctx, tab, refresh)
+
+
+def _compare_widgets(ctx: UiContext, tab: gr.Tab, refresh: gr.Button) -> None:
     gr.Markdown(
         "## Compare runs\nOverlay two or more runs by step: what a d_coef, rank or dataset change did."
     )
