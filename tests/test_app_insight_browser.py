@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
 )
 
-SHORT_STEPS = 48  # the finished run: validated and checkpointed every 8 steps
+SHORT_STEPS = 32  # the finished run: validated and checkpointed every 8 steps
 VALIDATE_EVERY = 8
 FREEZE_FROM = 24  # the running run's d has grown by then (it starts at d0 for a few steps)
 LONG_STEPS = 5000  # the running one is stopped by the test long before its end
@@ -85,6 +85,17 @@ def finished_run(server):
 
 
 @pytest.fixture(scope="module")
+def controlled_run(server):
+    """demo-b, started as the Run page's Start does; it differs from demo-a in d_coef and lr (lr != 1 also
+    gives a d-health warning for the banner). The first test stops it."""
+    from app import runner
+    from trainers.config import load_config
+
+    overrides = _overrides("demo-b", server[1], LONG_STEPS, "optimizer.d_coef=0.5", "optimizer.lr=0.5")
+    return runner.start_run(load_config(DEMO, overrides))
+
+
+@pytest.fixture(scope="module")
 def page(server):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -123,19 +134,12 @@ def _choose(page: Page, dropdown_id: str, *names: str) -> None:
     page.keyboard.press("Escape")
 
 
-def test_controls_comparison_and_best_export_in_browser(server, finished_run, page, tmp_path):
-    from app import runner
+def test_live_controls_are_acknowledged_on_a_running_run(server, controlled_run, page, tmp_path):
     from trainers.checkpoint import list_checkpoints
-    from trainers.config import load_config
     from trainers.events import read_events
 
-    url, runs_dir = server
+    url, running = server[0], controlled_run
     shots = tmp_path / "screenshots"
-    # demo-b differs in d_coef and lr (lr != 1 gives a d-health warning for the banner)
-    config = load_config(
-        DEMO, _overrides("demo-b", runs_dir, LONG_STEPS, "optimizer.d_coef=0.5", "optimizer.lr=0.5")
-    )
-    running = runner.start_run(config)
 
     # Run page: the running run is shown; each control is acknowledged by the trainer
     page.goto(url, wait_until="load")  # not networkidle: the refresh timers poll forever
@@ -175,6 +179,17 @@ def test_controls_comparison_and_best_export_in_browser(server, finished_run, pa
     expect(page.locator("#run-title")).to_contain_text("stopped", timeout=TIMEOUT_MS)
     page.locator("#control-freeze").click()
     expect(page.locator("#control-message")).to_contain_text("not running")
+
+
+def test_two_runs_compared_and_the_best_step_exported(server, finished_run, controlled_run, page, tmp_path):
+    from app import runner
+    from trainers.events import read_events
+
+    shots = tmp_path / "screenshots"
+    if runner.trainer_pid(controlled_run) is not None:  # run alone, without the test that stops it
+        runner.request_stop(controlled_run)
+        assert runner.wait_for_exit(controlled_run, 120)
+    page.goto(server[0], wait_until="load")
 
     # Runs page: compare the two runs
     _tab(page, "runs")
