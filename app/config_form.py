@@ -29,8 +29,8 @@ SECTIONS: list[tuple[str, str]] = [
     ("optimizer", "Optimizer"),
     ("sampling", "Sampling"),
     ("saving", "Saving"),
-    ("validation", "Validation"),
-    ("health", "Health warnings"),
+    ("validation", "Validation (dataset.validation's images)"),
+    ("health", "Optimizer warnings"),
     ("flux", "Flux (model.family flux or flux2)"),
 ]
 RUN_SECTION = "run"

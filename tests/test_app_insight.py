@@ -224,3 +224,15 @@ def test_export_best_without_a_checkpoint_at_the_best_step_says_what_to_set(tmp_
     assert "No validation results" in best_summary(run_dir)
     message, _, _ = _export_best(ctx, "a", ["kohya"])
     assert "no validation results" in message and "dataset.validation" in message
+
+
+def test_the_pages_have_the_insight_widgets(tmp_path):
+    from app.ui import build_ui
+
+    demo = build_ui(runs_dir=tmp_path / "runs")
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    run_page = {"control-freeze", "control-sample", "control-checkpoint", "control-acks", "run-health"}
+    run_page |= {"plot-validation", "validation-caption"}
+    runs_page = {"compare-choice", "compare-go", "compare-summary", "compare-differences"}
+    runs_page |= {"compare-plot-loss", "compare-plot-validation", "compare-plot-d"}
+    assert run_page | runs_page | {"export-best", "export-best-info"} <= ids
