@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from app.health_banner import is_banner_warning
+
 Event = dict[str, Any]
 
 SMOOTHING = 0.9  # EMA weight of the smoothed loss, as TensorBoard's slider
@@ -268,6 +270,8 @@ def notices_markdown(events: list[Event], state: str) -> str:
         lines.append(f"Stopped at step {last.get('step', '?')}: {last.get('message', '')}. Resume continues.")
     seen = set()
     for event in events:
+        if is_banner_warning(event):  # the d-health banner shows these (app/health_banner.py)
+            continue
         if event.get("type") == "warning" and event.get("message") not in seen:
             seen.add(event.get("message"))
             lines.append(f"- warning: {event.get('message')}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from app import events_view as view
+from app.health_banner import is_banner_warning
 from app.runner import LOG_FILE, list_run_dirs, log_tail, trainer_pid
 from trainers.checkpoint import list_checkpoints
 from trainers.events import EVENTS_FILE, EventTail
@@ -54,6 +55,8 @@ class RunSnapshot:
         notices = view.notices_markdown(self.events, self.state)
         if self.state == "not started" and self.log:
             notices = "The trainer exited before it started the run; the log below says why."
+        if not notices and any(is_banner_warning(e) for e in self.events):
+            return ""  # the d-health banner below says it
         return in_ui_words(notices) or "No warnings."
 
 

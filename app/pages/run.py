@@ -13,7 +13,7 @@ import pandas as pd
 
 from app import config_form as form
 from app import events_view as view
-from app import runner
+from app import run_controls, run_insight, runner
 from app.pages.common import (
     MEMORY_PENDING,
     UiContext,
@@ -27,6 +27,7 @@ from app.pages.setup import SetupTab
 from app.preflight import preflight
 from app.run_view import change_signature, default_run, snapshot
 from trainers.checkpoint import list_checkpoints
+from trainers.control import trainer_running
 from trainers.events import read_events
 
 LOG_LINES = 20
@@ -72,12 +73,15 @@ def build(
         )
         kill_yes = gr.Button("Yes, kill it", variant="stop", elem_id="kill-confirm")
         kill_no = gr.Button("No, keep it", elem_id="kill-cancel")
+    controls = run_insight.controls_row()
     memory = gr.Markdown(MEMORY_PENDING, elem_id="run-memory")
     message = gr.Markdown(elem_id="run-message")
     title = gr.Markdown(elem_id="run-title")
     progress = gr.HTML(view.progress_html(view.Progress(0, None, None, None)), elem_id="run-progress")
     status = gr.Markdown(elem_id="run-status")
+    banner = run_insight.health_banner()
     plots = run_plots("")
+    validation = run_insight.validation_plot()
     samples = samples_gallery("samples")
     log = gr.Textbox(
         label="train.log (tail)",
@@ -143,6 +147,8 @@ def build(
     hidden = {"show_progress": "hidden", "api_visibility": "undocumented"}
     gr.Timer(refresh_seconds).tick(refresh, inputs, outputs, **hidden)
     current_run.change(redraw, inputs, outputs, **hidden)
+    resolve = lambda current: _current(ctx, current)  # noqa: E731
+    run_insight.wire(resolve, current_run, controls, banner, validation, refresh_seconds)
     return RunTab(inputs=inputs, outputs=outputs, redraw=redraw, memory=memory)
 
 
@@ -218,6 +224,10 @@ def _stop(ctx: UiContext, current: str) -> str:
     """Send the run's trainer its stop signal, once (a second one would abort it and lose steps)."""
     run_dir = _current(ctx, current)
     answer = runner.request_stop(run_dir) if run_dir is not None else "not running"
+    if (
+        answer == "not running" and run_dir is not None and trainer_running(run_dir)
+    ):  # started from the command line
+        return run_controls.send(run_dir, "stop")
     if answer == "not running":
         return "Nothing to stop: no trainer is running for this run."
     if answer == "already stopping":

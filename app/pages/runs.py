@@ -7,7 +7,9 @@ from typing import Any
 
 import gradio as gr
 
+from app import compare_view as compare
 from app import events_view as view
+from app.health_banner import banner_markdown
 from app.pages.common import UiContext, plot_frames, plot_updates, run_names, run_plots, samples_gallery
 from app.run_view import resolve_run, runs_table, snapshot
 
@@ -39,6 +41,7 @@ def build(ctx: UiContext, tab: gr.Tab, tabs: gr.Tabs, current_run: gr.State) -> 
 
     open_run.click(open_selected, choice, [summary, *plots, samples, config])
     show.click(lambda name: _show_run(ctx, name), choice, [current_run, tabs])
+    _build_compare(ctx, tab, refresh)
 
 
 def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
@@ -54,7 +57,9 @@ def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
         f"final d: {view.format_d(summary['final_d']) or 'n/a'} · samples: {summary['samples']}",
     ]
     text += [f"exported: `{p}`" for p in summary["exported"]]
-    notices = view.notices_markdown(snap.events, snap.state)
+    notices = "\n\n".join(
+        n for n in (banner_markdown(snap.events), view.notices_markdown(snap.events, snap.state)) if n
+    )
     return [
         "\n\n".join(text + ([notices] if notices else [])),
         *plot_updates(plot_frames(snap.frames)),
@@ -68,3 +73,81 @@ def _show_run(ctx: UiContext, name: str | None) -> list[Any]:
     if run_dir is None:
         return [gr.skip(), gr.skip()]
     return [str(run_dir), gr.Tabs(selected="run")]
+
+
+# ---------------------------------------------------------------- compare runs (app/compare_view.py)
+def _build_compare(ctx: UiContext, tab: gr.Tab, refresh: gr.Button) -> None:
+    with gr.Column(elem_id="compare-section"):
+        _compare_widgets(ctx, tab, refresh)
+
+
+def _compare_widgets(ctx: UiContext, tab: gr.Tab, refresh: gr.Button) -> None:
+    gr.Markdown(
+        "## Compare runs\nOverlay two or more runs by step: what a d_coef, rank or dataset change did."
+    )
+    with gr.Row():
+        chosen = gr.Dropdown(
+            label="Runs to compare", choices=[], multiselect=True, elem_id="compare-choice", scale=4
+        )
+        go = gr.Button("Compare", elem_id="compare-go", scale=1)
+    message = gr.Markdown(elem_id="compare-message")
+    summary = gr.Dataframe(label="Each run", interactive=False, elem_id="compare-summary")
+    with gr.Row():
+        loss = gr.LinePlot(
+            None, x="step", y="training loss", color="run", title="Training loss (EMA, at y)",
+            height=280, elem_id="compare-plot-loss",
+        )  # fmt: skip
+        validation = gr.LinePlot(
+            None, x="step", y="validation loss", color="run", title="Validation loss (at x, exported weights)",
+            height=280, elem_id="compare-plot-validation",
+        )  # fmt: skip
+        d = gr.LinePlot(
+            None, x="step", y="log10 d", color="series", title="Prodigy's d (log10: -4 is 1e-4)",
+            height=280, elem_id="compare-plot-d",
+        )  # fmt: skip
+    differences_caption = gr.Markdown(elem_id="compare-differences-caption")
+    differences = gr.Dataframe(
+        label="Config values that differ", interactive=False, elem_id="compare-differences"
+    )
+
+    def names(previous: list[str] | None) -> Any:
+        available = run_names(ctx)
+        kept = [name for name in previous or [] if name in available]
+        return gr.Dropdown(choices=available, value=kept)
+
+    for event in (tab.select, refresh.click):
+        event(names, chosen, chosen, api_visibility="undocumented")
+
+    def run_compare(selected: list[str] | None) -> Iterator[list[Any]]:
+        yield [gr.skip(), gr.skip(), None, None, None, gr.skip(), gr.skip()]  # clear first: see _plot_resets
+        yield _compare(ctx, selected or [])
+
+    go.click(
+        run_compare,
+        chosen,
+        [message, summary, loss, validation, d, differences_caption, differences],
+        api_name="compare",
+    )
+
+
+def _compare(ctx: UiContext, selected: list[str]) -> list[Any]:
+    run_dirs = [resolve_run(ctx.runs_dir, name) for name in selected]
+    unknown = [name for name, run_dir in zip(selected, run_dirs) if run_dir is None]
+    if unknown:
+        return [f"⚠ No run named {', '.join(unknown)}; press Refresh.", *[gr.skip()] * 6]
+    try:
+        runs = compare.load_runs([p for p in run_dirs if p is not None])
+    except compare.CompareError as error:
+        return [f"⚠ {str(error).capitalize()}.", *[gr.skip()] * 6]
+    table = compare.config_differences(runs)
+    validated = compare.validation_overlay(runs)
+    note = "" if validated is not None else " None of them has validation results (set dataset.validation)."
+    return [
+        f"Comparing {', '.join(run.name for run in runs)}, aligned by step.{note}",
+        compare.summary_table(runs),
+        compare.loss_overlay(runs),
+        validated,
+        compare.d_overlay(runs),
+        compare.differences_caption(runs, table),
+        table,
+    ]
