@@ -13,15 +13,27 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from trainers.config import DEMO_SCHEME, TrainConfig
+from trainers.config import DEMO_SCHEME, ConfigError, ModelConfig, TrainConfig, load_config
 from trainers.paths import DEMO_DATASETS, DEMO_MODELS
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 _EXPORT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Layer types peft can put a LoRA on (by their class names, so torch need not be imported to list them).
 _LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+
+
+def load_checked(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """`load_config`, whose schema errors come together with the problems of the model and dataset paths
+    (a typo elsewhere must not hide a wrong path: every problem in one report)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        extra = [p for p in raw_path_problems(error.data) if p not in error.problems]
+        if not extra:
+            raise
+        raise ConfigError([*error.problems, *extra], data=error.data) from None
 
 
 def config_problems(config: TrainConfig) -> list[str]:
@@ -32,6 +44,34 @@ def config_problems(config: TrainConfig) -> list[str]:
     if model_is_usable:  # the architecture is only looked at in a model known to be the right kind
         problems += _target_problems(config)
     return problems
+
+
+def check_config(config: TrainConfig) -> tuple[list[str], str]:
+    """(problems, dataset summary) found without loading a model; no problems means ready to train."""
+    from trainers.dataset import DatasetError, assign_buckets, bucket_summary, crop_warnings, scan_dataset
+    from trainers.paths import resolve_dataset_path
+
+    problems = config_problems(config)
+    if any(problem.startswith("dataset.path") for problem in problems):
+        return problems, ""
+    try:  # the dataset's own problems are reported along with the config's
+        scan = scan_dataset(resolve_dataset_path(config.dataset.path), config.dataset.caption_extension)
+    except DatasetError as error:
+        return [*problems, f"dataset.path: {error}"], ""
+    if problems:
+        return problems, ""
+    dataset = config.dataset
+    buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
+    lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
+    lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
+    lines += [
+        f"warning: {message}"
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect)
+    ]
+    if scan.missing_captions:
+        lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
+    lines += [f"warning: {message}" for message in config_warnings(config)]
+    return [], "\n".join(lines)
 
 
 def config_warnings(config: TrainConfig) -> list[str]:
@@ -47,24 +87,55 @@ def config_warnings(config: TrainConfig) -> list[str]:
 # ---------------------------------------------------------------- paths
 def path_problems(config: TrainConfig) -> list[str]:
     """Missing or wrong paths, one message per problem, without loading anything."""
+    return _path_problems(config.model.path, config.model.family, config.dataset.path)
+
+
+def raw_path_problems(data: dict[str, Any] | None) -> list[str]:
+    """The path problems of a config that failed validation, from the values that are there."""
+    if not isinstance(data, dict):
+        return []
+    model, dataset = data.get("model"), data.get("dataset")
+    model_path = model.get("path") if isinstance(model, dict) else None
+    family = model.get("family", "sdxl") if isinstance(model, dict) else "sdxl"
+    dataset_path = dataset.get("path") if isinstance(dataset, dict) else None
+    if family not in get_args(ModelConfig.model_fields["family"].annotation):  # the schema's error names it
+        family = ModelConfig.model_fields["family"].default
     problems = []
-    model = config.model.path
+    if isinstance(model_path, str):
+        problems += [p for p in _path_problems(model_path, family, "demo://shapes") if p.startswith("model.")]
+    if isinstance(dataset_path, str):
+        problems += [
+            p for p in _path_problems("demo://tiny-sdxl", family, dataset_path) if p.startswith("dataset.")
+        ]
+    return problems
+
+
+def shown_path(path: Path) -> str:
+    """A path as the message shows it: a relative one with the folder it is read from (the current one)."""
+    if path.is_absolute():
+        return str(path)
+    return f"{path} (relative to the current folder {Path.cwd()}: {Path.cwd() / path})"
+
+
+def _path_problems(model: str, family: str, dataset: str) -> list[str]:
+    problems = []
     if model.startswith(DEMO_SCHEME):
         if model.removeprefix(DEMO_SCHEME) not in DEMO_MODELS:
             available = ", ".join(DEMO_SCHEME + name for name in sorted(DEMO_MODELS))
             problems.append(f"model.path: unknown demo model {model!r}; available: {available}")
     else:
-        problems.extend(_model_path_problems(model, config.model.family))
-    dataset = config.dataset.path
+        problems.extend(_model_path_problems(model, family))
     if dataset.startswith(DEMO_SCHEME):
         if dataset.removeprefix(DEMO_SCHEME) not in DEMO_DATASETS:
             problems.append(f"dataset.path: unknown demo dataset {dataset!r}; available: demo://shapes")
     else:
         folder = Path(dataset).expanduser()
         if not folder.exists():
-            problems.append(f"dataset.path: {folder} does not exist")
+            problems.append(f"dataset.path: {shown_path(folder)} does not exist")
         elif not folder.is_dir():
-            problems.append(f"dataset.path: {folder} is a file; give the folder that holds the images")
+            problems.append(
+                f"dataset.path: {shown_path(folder)} is a file; give the folder that holds the images"
+            )
     return problems
 
 
@@ -87,7 +158,7 @@ def _model_path_problems(model: str, family: str) -> list[str]:
             return [problem] if problem else []
         return []
     if looks_local:
-        return [f"model.path: {path} does not exist"]
+        return [f"model.path: {shown_path(path)} does not exist"]
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -161,7 +232,7 @@ def _write_problems(config: TrainConfig) -> list[str]:
     if not _writable(run_dir):
         problems.append(
             f"output_dir: {_nearest_existing(run_dir)} cannot be written (read-only or not a folder), so the "
-            f"run folder {run_dir} cannot be made; choose a writable output_dir"
+            f"run folder {shown_path(run_dir)} cannot be made; choose a writable output_dir"
         )
     dataset = config.dataset
     if not (dataset.cache_latents or dataset.cache_text_embeddings):
