@@ -70,9 +70,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from trainers.checks import check_config, load_checked
-    from trainers.memory import print_check
 
     config = load_checked(args.config, args.set)
+    from trainers.memory import print_check  # torch: only once the config is known to be valid
+
     print_check(config, args.vram)
     problems, summary = check_config(config)
     if problems:

@@ -8,13 +8,16 @@ warnings are printed and logged, and the run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, get_args
 
+from trainers.atomic import atomic_write_text
 from trainers.config import DEMO_SCHEME, ConfigError, ModelConfig, TrainConfig, load_config
 from trainers.paths import DEMO_DATASETS, DEMO_MODELS
 
@@ -187,7 +190,7 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     """Why a single model file is not a `family` safetensors model, from its header alone (no weights)."""
     from safetensors import safe_open
 
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     try:
         with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
@@ -195,9 +198,9 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
         return (
             f"model.path: {path} is not a safetensors file ({type(error).__name__}: {error}); give "
-            f"{adapter_for(family).model_file_hint} or a diffusers folder"
+            f"{family_for(family).model_file_hint} or a diffusers folder"
         )
-    return adapter_for(family).check_model_file(path, keys)
+    return family_for(family).check_model_file(path, keys)
 
 
 # ---------------------------------------------------------------- packages and permissions
@@ -261,9 +264,9 @@ def _write_problems(config: TrainConfig) -> list[str]:
 # ---------------------------------------------------------------- LoRA targets against the architecture
 def _target_lists(config: TrainConfig) -> list[tuple[str, str, list[str]]]:
     """(config field, component, module names) of each component whose LoRA targets are checked."""
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
-    return adapter_for(config.model.family).lora_target_lists(config)
+    return family_for(config.model.family).lora_target_lists(config)
 
 
 def _empty_target_problems(config: TrainConfig) -> list[str]:
@@ -305,12 +308,11 @@ def _unmatched_message(field: str, component: str, name: str, layers: dict[str, 
 
 
 def _matching_layers(names: list[str], layers: dict[str, tuple[int, int]]) -> list[str]:
-    """Layer names peft would give a LoRA for `names` (peft's own matching rule)."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    lora = LoraConfig(target_modules=names)
-    return [key for key in layers if check_target_module_exists(lora, key)]
+    """Layer names peft would give a LoRA for `names`: peft's rule for a list of target names
+    (`check_target_module_exists`: the full name, or a name ending in "." + target), written out here so
+    that `check` need not import peft (seconds); tests/test_cli_startup.py holds it to peft's."""
+    targets = set(names)
+    return [key for key in layers if key in targets or any(key.endswith(f".{name}") for name in targets)]
 
 
 def _rank_warnings(config: TrainConfig) -> list[str]:
@@ -346,10 +348,10 @@ def _lora_layers(family: str, model_path: str, component: str) -> dict[str, tupl
 
 def _architecture_source(family: str, model_path: str, component: str) -> dict[str, Any] | None:
     """The component's config dict: the demo model's, a local diffusers folder's, or a cached Hub repo's."""
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     if model_path.startswith(DEMO_SCHEME):
-        return adapter_for(family).component_config(model_path, component)
+        return family_for(family).component_config(model_path, component)
     local = Path(model_path).expanduser()
     if local.is_file():
         return None  # a single file has no config json; its keys are checked by _checkpoint_problem
@@ -369,13 +371,49 @@ def _architecture_source(family: str, model_path: str, component: str) -> dict[s
 
 @functools.lru_cache(maxsize=8)
 def _layers_of(family: str, component: str, config_json: str) -> dict[str, tuple[int, int]]:
+    """The component's LoRA-able layers: from the layer cache, else built on the meta device (importing
+    diffusers or transformers takes seconds, so a table is built once per architecture and kept)."""
+    path = layer_cache_dir() / f"{_layer_key(family, component, config_json)}.json"
+    try:
+        return {
+            name: (int(a), int(b)) for name, (a, b) in json.loads(path.read_text(encoding="utf-8")).items()
+        }
+    except (OSError, ValueError, TypeError):
+        pass  # not cached yet, or a damaged file: build it again
+    layers = _build_layers(family, component, config_json)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+        atomic_write_text(path, json.dumps(layers))
+    return layers
+
+
+def layer_cache_dir() -> Path:
+    """Where layer tables are kept (PPSF_LAYER_CACHE, else ~/.cache/ppsf-trainer/layers)."""
+    default = Path.home() / ".cache" / "ppsf-trainer" / "layers"
+    return Path(os.environ.get("PPSF_LAYER_CACHE", default))
+
+
+def _layer_key(family: str, component: str, config_json: str) -> str:
+    """What a layer table depends on: the architecture's config and the libraries that build it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("diffusers", "transformers"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append("")
+    key = json.dumps([family, component, config_json, versions])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _build_layers(family: str, component: str, config_json: str) -> dict[str, tuple[int, int]]:
     """Build the component on the meta device (shapes only, no memory) and list its LoRA-able layers."""
     import torch
 
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     with torch.device("meta"):
-        model = adapter_for(family).meta_component(component, json.loads(config_json))
+        model = family_for(family).meta_component(component, json.loads(config_json))
     layers = {}
     for name, module in model.named_modules():
         if type(module).__name__ not in _LORA_LAYERS:
