@@ -88,5 +88,10 @@ def install() -> None:
     _installed = True
     for name, predicate in LOGGER_FILTERS:
         logging.getLogger(name).addFilter(_DropKnown(predicate))
+    install_warning_filters()
+
+
+def install_warning_filters() -> None:
+    """The `warnings` filters alone (they are per process state that `warnings.catch_warnings` resets)."""
     for pattern, category in WARNING_FILTERS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
