@@ -465,7 +465,8 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         for g in [group] if group is not None else self.param_groups:
             if g["use_schedulefree"] and not g["train_mode"]:
                 raise RuntimeError(
-                    "The optimizer is in eval mode (parameters hold the averaged weights). Call "
+                    # "Not in train mode!" is the public release's message: code that matches on it works
+                    "Not in train mode! The optimizer is in eval mode (parameters hold the averaged weights). Call "
                     "optimizer.train() before training steps, and optimizer.eval() before evaluation/saving."
                 )
 

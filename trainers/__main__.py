@@ -11,7 +11,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from trainers.config import ConfigError, load_config  # noqa: E402
+from trainers import quiet_warnings, run_folder  # noqa: E402
+from trainers.config import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
+    resume.add_argument(
+        "--config", type=Path, help="a fixed config for a run that stopped before its first checkpoint"
+    )
+    resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config")
     check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
     check.add_argument("config", type=Path)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -59,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "control":
         return _control(args.run_dir, args.action)
+    if args.command == "check":  # imports no model library: answers in a second or two
+        return _check(args)
+    quiet_warnings.install()  # before diffusers and transformers are imported
+    if args.command == "export":
+        return _export(args)
     from trainers import train as training
 
     try:
@@ -68,29 +78,42 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _command(args: argparse.Namespace, training) -> int:
-    if args.command == "check":
-        config = load_config(args.config, args.set)
-        from trainers.memory import print_check
+def _check(args: argparse.Namespace) -> int:
+    from trainers.checks import check_config, load_checked
 
-        print_check(config, args.vram)
-        problems, summary = training.check(config)
-        if problems:
-            raise ConfigError(problems)
-        print(summary)
-        print(f"{args.config}: ok")
-        return 0
+    config = load_checked(args.config, args.set)
+    from trainers.memory import print_check  # torch: only once the config is known to be valid
+
+    print_check(config, args.vram)
+    problems, summary = check_config(config)
+    if problems:
+        raise ConfigError(problems)
+    print(summary)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def _command(args: argparse.Namespace, training) -> int:
+    from trainers.checks import load_checked
+
     if args.command == "train":
-        run_dir = training.train(load_config(args.config, args.set))
-        print(f"run folder: {run_dir}")
-        return 0
-    if args.command == "resume":
-        run_dir = training.resume(args.run_dir)
-        print(f"run folder: {run_dir}")
-        return 0
+        run_dir = training.train(load_checked(args.config, args.set))
+    else:
+        done = run_folder.finished_event(args.run_dir) if args.config is None else None
+        if done is not None:
+            print(f"{args.run_dir} is finished (step {done.get('step')}); nothing to resume")
+            print("\n".join(run_folder.lora_usage_lines(done.get("exported", []))))
+            return 0
+        run_dir = training.resume(args.run_dir, args.config, args.set)
+    print("\n".join(run_folder.outcome_lines(run_dir)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
     from trainers.checkpoint import checkpoint_dir
     from trainers.export_run import export_checkpoint
 
+    run_folder.require_run(args.run_dir)
     if args.best and args.checkpoint is not None:
         raise ValueError("give either --best or --checkpoint STEP, not both")
     if args.best:
@@ -100,9 +123,8 @@ def _command(args: argparse.Namespace, training) -> int:
     else:
         folder = checkpoint_dir(args.run_dir, args.checkpoint) if args.checkpoint is not None else None
     if folder is not None and not folder.is_dir():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no checkpoint folder {folder}")
-    for path in export_checkpoint(args.run_dir, folder, args.format):
-        print(path)
+        raise run_folder.missing_checkpoint(args.run_dir, args.checkpoint)
+    print("\n".join(run_folder.lora_usage_lines(export_checkpoint(args.run_dir, folder, args.format))))
     return 0
 
 

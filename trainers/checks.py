@@ -8,20 +8,35 @@ warnings are printed and logged, and the run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from trainers.config import DEMO_SCHEME, TrainConfig
+from trainers.atomic import atomic_write_text
+from trainers.config import DEMO_SCHEME, ConfigError, ModelConfig, TrainConfig, load_config
 from trainers.paths import DEMO_DATASETS, DEMO_MODELS
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 _EXPORT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Layer types peft can put a LoRA on (by their class names, so torch need not be imported to list them).
 _LORA_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+
+
+def load_checked(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """`load_config`, whose schema errors come together with the problems of the model and dataset paths
+    (a typo elsewhere must not hide a wrong path: every problem in one report)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        extra = [p for p in raw_path_problems(error.data) if p not in error.problems]
+        if not extra:
+            raise
+        raise ConfigError([*error.problems, *extra], data=error.data) from None
 
 
 def config_problems(config: TrainConfig) -> list[str]:
@@ -33,6 +48,38 @@ def config_problems(config: TrainConfig) -> list[str]:
     if model_is_usable:  # the architecture is only looked at in a model known to be the right kind
         problems += _target_problems(config)
     return problems
+
+
+def check_config(config: TrainConfig) -> tuple[list[str], str]:
+    """(problems, dataset summary) found without loading a model; no problems means ready to train."""
+    from trainers.dataset import DatasetError, assign_buckets, bucket_summary, crop_warnings, scan_dataset
+    from trainers.paths import resolve_dataset_path
+    from trainers.validation import check_validation
+
+    problems = config_problems(config)
+    if any(problem.startswith("dataset.path") for problem in problems):
+        return problems, ""
+    try:  # the dataset's own problems are reported along with the config's
+        scan = scan_dataset(resolve_dataset_path(config.dataset.path), config.dataset.caption_extension)
+    except DatasetError as error:
+        return [*problems, f"dataset.path: {error}"], ""
+    if problems:
+        return problems, ""
+    validation_problems, validation_line = check_validation(config.dataset, scan.items)
+    if validation_problems:
+        return validation_problems, ""
+    dataset = config.dataset
+    buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
+    lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
+    lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
+    lines += [
+        f"warning: {message}"
+        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect)
+    ]
+    if scan.missing_captions:
+        lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
+    lines += [f"warning: {message}" for message in config_warnings(config)]
+    return [], "\n".join(lines + ([validation_line] if validation_line else []))
 
 
 def config_warnings(config: TrainConfig) -> list[str]:
@@ -48,24 +95,55 @@ def config_warnings(config: TrainConfig) -> list[str]:
 # ---------------------------------------------------------------- paths
 def path_problems(config: TrainConfig) -> list[str]:
     """Missing or wrong paths, one message per problem, without loading anything."""
+    return _path_problems(config.model.path, config.model.family, config.dataset.path)
+
+
+def raw_path_problems(data: dict[str, Any] | None) -> list[str]:
+    """The path problems of a config that failed validation, from the values that are there."""
+    if not isinstance(data, dict):
+        return []
+    model, dataset = data.get("model"), data.get("dataset")
+    model_path = model.get("path") if isinstance(model, dict) else None
+    family = model.get("family", "sdxl") if isinstance(model, dict) else "sdxl"
+    dataset_path = dataset.get("path") if isinstance(dataset, dict) else None
+    if family not in get_args(ModelConfig.model_fields["family"].annotation):  # the schema's error names it
+        family = ModelConfig.model_fields["family"].default
     problems = []
-    model = config.model.path
+    if isinstance(model_path, str):
+        problems += [p for p in _path_problems(model_path, family, "demo://shapes") if p.startswith("model.")]
+    if isinstance(dataset_path, str):
+        problems += [
+            p for p in _path_problems("demo://tiny-sdxl", family, dataset_path) if p.startswith("dataset.")
+        ]
+    return problems
+
+
+def shown_path(path: Path) -> str:
+    """A path as the message shows it: a relative one with the folder it is read from (the current one)."""
+    if path.is_absolute():
+        return str(path)
+    return f"{path} (relative to the current folder {Path.cwd()}: {Path.cwd() / path})"
+
+
+def _path_problems(model: str, family: str, dataset: str) -> list[str]:
+    problems = []
     if model.startswith(DEMO_SCHEME):
         if model.removeprefix(DEMO_SCHEME) not in DEMO_MODELS:
             available = ", ".join(DEMO_SCHEME + name for name in sorted(DEMO_MODELS))
             problems.append(f"model.path: unknown demo model {model!r}; available: {available}")
     else:
-        problems.extend(_model_path_problems(model, config.model.family))
-    dataset = config.dataset.path
+        problems.extend(_model_path_problems(model, family))
     if dataset.startswith(DEMO_SCHEME):
         if dataset.removeprefix(DEMO_SCHEME) not in DEMO_DATASETS:
             problems.append(f"dataset.path: unknown demo dataset {dataset!r}; available: demo://shapes")
     else:
         folder = Path(dataset).expanduser()
         if not folder.exists():
-            problems.append(f"dataset.path: {folder} does not exist")
+            problems.append(f"dataset.path: {shown_path(folder)} does not exist")
         elif not folder.is_dir():
-            problems.append(f"dataset.path: {folder} is a file; give the folder that holds the images")
+            problems.append(
+                f"dataset.path: {shown_path(folder)} is a file; give the folder that holds the images"
+            )
     return problems
 
 
@@ -118,7 +196,7 @@ def _model_path_problems(model: str, family: str) -> list[str]:
             return [problem] if problem else []
         return []
     if looks_local:
-        return [f"model.path: {path} does not exist"]
+        return [f"model.path: {shown_path(path)} does not exist"]
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -147,7 +225,7 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     """Why a single model file is not a `family` safetensors model, from its header alone (no weights)."""
     from safetensors import safe_open
 
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     try:
         with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
@@ -155,9 +233,9 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
         return (
             f"model.path: {path} is not a safetensors file ({type(error).__name__}: {error}); give "
-            f"{adapter_for(family).model_file_hint} or a diffusers folder"
+            f"{family_for(family).model_file_hint} or a diffusers folder"
         )
-    return adapter_for(family).check_model_file(path, keys)
+    return family_for(family).check_model_file(path, keys)
 
 
 # ---------------------------------------------------------------- packages and permissions
@@ -192,7 +270,7 @@ def _write_problems(config: TrainConfig) -> list[str]:
     if not _writable(run_dir):
         problems.append(
             f"output_dir: {_nearest_existing(run_dir)} cannot be written (read-only or not a folder), so the "
-            f"run folder {run_dir} cannot be made; choose a writable output_dir"
+            f"run folder {shown_path(run_dir)} cannot be made; choose a writable output_dir"
         )
     dataset = config.dataset
     if not (dataset.cache_latents or dataset.cache_text_embeddings):
@@ -221,9 +299,9 @@ def _write_problems(config: TrainConfig) -> list[str]:
 # ---------------------------------------------------------------- LoRA targets against the architecture
 def _target_lists(config: TrainConfig) -> list[tuple[str, str, list[str]]]:
     """(config field, component, module names) of each component whose LoRA targets are checked."""
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
-    return adapter_for(config.model.family).lora_target_lists(config)
+    return family_for(config.model.family).lora_target_lists(config)
 
 
 def _empty_target_problems(config: TrainConfig) -> list[str]:
@@ -265,12 +343,11 @@ def _unmatched_message(field: str, component: str, name: str, layers: dict[str, 
 
 
 def _matching_layers(names: list[str], layers: dict[str, tuple[int, int]]) -> list[str]:
-    """Layer names peft would give a LoRA for `names` (peft's own matching rule)."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    lora = LoraConfig(target_modules=names)
-    return [key for key in layers if check_target_module_exists(lora, key)]
+    """Layer names peft would give a LoRA for `names`: peft's rule for a list of target names
+    (`check_target_module_exists`: the full name, or a name ending in "." + target), written out here so
+    that `check` need not import peft (seconds); tests/test_cli_startup.py holds it to peft's."""
+    targets = set(names)
+    return [key for key in layers if key in targets or any(key.endswith(f".{name}") for name in targets)]
 
 
 def _rank_warnings(config: TrainConfig) -> list[str]:
@@ -306,10 +383,10 @@ def _lora_layers(family: str, model_path: str, component: str) -> dict[str, tupl
 
 def _architecture_source(family: str, model_path: str, component: str) -> dict[str, Any] | None:
     """The component's config dict: the demo model's, a local diffusers folder's, or a cached Hub repo's."""
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     if model_path.startswith(DEMO_SCHEME):
-        return adapter_for(family).component_config(model_path, component)
+        return family_for(family).component_config(model_path, component)
     local = Path(model_path).expanduser()
     if local.is_file():
         return None  # a single file has no config json; its keys are checked by _checkpoint_problem
@@ -329,13 +406,49 @@ def _architecture_source(family: str, model_path: str, component: str) -> dict[s
 
 @functools.lru_cache(maxsize=8)
 def _layers_of(family: str, component: str, config_json: str) -> dict[str, tuple[int, int]]:
+    """The component's LoRA-able layers: from the layer cache, else built on the meta device (importing
+    diffusers or transformers takes seconds, so a table is built once per architecture and kept)."""
+    path = layer_cache_dir() / f"{_layer_key(family, component, config_json)}.json"
+    try:
+        return {
+            name: (int(a), int(b)) for name, (a, b) in json.loads(path.read_text(encoding="utf-8")).items()
+        }
+    except (OSError, ValueError, TypeError):
+        pass  # not cached yet, or a damaged file: build it again
+    layers = _build_layers(family, component, config_json)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+        atomic_write_text(path, json.dumps(layers))
+    return layers
+
+
+def layer_cache_dir() -> Path:
+    """Where layer tables are kept (PPSF_LAYER_CACHE, else ~/.cache/ppsf-trainer/layers)."""
+    default = Path.home() / ".cache" / "ppsf-trainer" / "layers"
+    return Path(os.environ.get("PPSF_LAYER_CACHE", default))
+
+
+def _layer_key(family: str, component: str, config_json: str) -> str:
+    """What a layer table depends on: the architecture's config and the libraries that build it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("diffusers", "transformers"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append("")
+    key = json.dumps([family, component, config_json, versions])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _build_layers(family: str, component: str, config_json: str) -> dict[str, tuple[int, int]]:
     """Build the component on the meta device (shapes only, no memory) and list its LoRA-able layers."""
     import torch
 
-    from trainers.models import adapter_for
+    from trainers.models.families import family_for
 
     with torch.device("meta"):
-        model = adapter_for(family).meta_component(component, json.loads(config_json))
+        model = family_for(family).meta_component(component, json.loads(config_json))
     layers = {}
     for name, module in model.named_modules():
         if type(module).__name__ not in _LORA_LAYERS:

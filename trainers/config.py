@@ -23,8 +23,9 @@ MAX_NAME_LENGTH = 100
 class ConfigError(ValueError):
     """One or more problems with a config, one per line, each naming the field."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], data: dict[str, Any] | None = None) -> None:
         self.problems = problems
+        self.data = data  # the values that failed validation, so their paths can still be checked
         super().__init__("\n".join(problems))
 
 
@@ -378,21 +379,33 @@ def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
         ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML ({error})"]) from None
-    for override in overrides or []:
-        apply_override(data, override)
-    return validate_config(data, source=str(path))
+    origins = {apply_override(data, override): override for override in overrides or []}
+    return validate_config(data, source=str(path), overrides=origins)
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+def validate_config(
+    data: dict[str, Any], source: str = "config", overrides: dict[tuple[str, ...], str] | None = None
+) -> TrainConfig:
+    """Validate; each problem is prefixed with where the value came from: the `--set` that gave it
+    (`overrides`: key path -> the override as typed), else `source`."""
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(
-            [f"{source}: {problem}" for problem in describe_errors(error, TrainConfig)]
-        ) from None
+        problems = [
+            _with_origin(loc, location, message, source, overrides or {})
+            for loc, location, message in located_errors(error, TrainConfig)
+        ]
+        raise ConfigError(problems, data=data) from None
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
+def _with_origin(
+    loc: tuple[str, ...], location: str, message: str, source: str, overrides: dict[tuple[str, ...], str]
+) -> str:
+    origin = next((f"--set {text}" for key, text in overrides.items() if loc[: len(key)] == key), source)
+    return f"{origin}: {location}: {message}" if location else f"{origin}: {message}"
+
+
+def apply_override(data: dict[str, Any], override: str) -> tuple[str, ...]:
     """`training.max_steps=500` into the nested dict; the value is read as TOML, else taken as a string."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
@@ -408,18 +421,28 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError([f"--set {override!r}: {part} is not a section"])
     node[leaf] = value
+    return tuple(part.strip() for part in [*parents, leaf])
 
 
 def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
     """One line per problem, naming the field; unknown keys get a did-you-mean."""
+    return [
+        f"{location}: {message}" if location else message
+        for _, location, message in located_errors(error, root)
+    ]
+
+
+def located_errors(error: ValidationError, root: type[BaseModel]) -> list[tuple[tuple[str, ...], str, str]]:
+    """(key path, dotted location, message) of each problem."""
     problems = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        loc = tuple(str(part) for part in item["loc"])
+        location = ".".join(loc)
         if item["type"] == "extra_forbidden":
             suggestion = _did_you_mean(root, item["loc"])
-            problems.append(f"{location}: unknown key{suggestion}")
+            problems.append((loc, location, f"unknown key{suggestion}"))
         elif item["type"] == "missing":
-            problems.append(f"{location}: required, but missing")
+            problems.append((loc, location, "required, but missing"))
         else:
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "finite_number":
@@ -428,7 +451,7 @@ def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
             if item["type"] in ("int_type", "float_type") and _is_number_text(given):
                 message += "; write the number without quotes"
             shown = f" (got {given!r})" if not isinstance(given, dict | list) and given is not None else ""
-            problems.append(f"{location}: {message}{shown}" if location else message)
+            problems.append((loc, location, f"{message}{shown}" if location else message))
     return problems
 
 
@@ -443,19 +466,43 @@ def _is_number_text(value: Any) -> bool:
     return True
 
 
+def _section_model(model: Any, name: str) -> type[BaseModel] | None:
+    field = model.model_fields.get(name)
+    if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        return None
+    return field.annotation
+
+
+def _all_keys(root: type[BaseModel]) -> list[str]:
+    """Every settable key as written in --set: "name", "training.max_steps", ..."""
+    keys = []
+    for name in root.model_fields:
+        section = _section_model(root, name)
+        keys += [f"{name}.{field}" for field in section.model_fields] if section else [name]
+    return keys
+
+
 def _did_you_mean(root: type[BaseModel], loc: tuple) -> str:
+    """The same key in another section (max_steps at the top: training.max_steps); else the closest key in
+    the same section; else the closest key of any section."""
     model: Any = root
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if (
-            field is None
-            or not isinstance(field.annotation, type)
-            or not issubclass(field.annotation, BaseModel)
-        ):
+        model = _section_model(model, str(part))
+        if model is None:
             return ""
-        model = field.annotation
-    matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return f"; did you mean '{matches[0]}'?" if matches else f"; known keys: {', '.join(model.model_fields)}"
+    key, here = str(loc[-1]), ".".join(str(part) for part in loc)
+    elsewhere = [full for full in _all_keys(root) if full != here]
+    same_name = [full for full in elsewhere if full.rsplit(".", 1)[-1] == key]
+    if same_name:
+        return f"; did you mean '{same_name[0]}'?"
+    local = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    if local:
+        return f"; did you mean '{local[0]}'?"
+    by_leaf = {full.rsplit(".", 1)[-1]: full for full in elsewhere}
+    close = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean '{by_leaf[close[0]]}'?"
+    return f"; known keys: {', '.join(model.model_fields)}"
 
 
 def dump_config(config: TrainConfig) -> str:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ppsf_optim import ProdigyPlusScheduleFree
-from trainers import stop
+from trainers import run_folder, stop
 from trainers.atomic import atomic_write, atomic_write_text
 from trainers.batches import epoch_batches, steps_per_epoch
 from trainers.cache import (
@@ -44,11 +44,10 @@ from trainers.checkpoint import (
     restore_python_rng,
     save_checkpoint,
 )
-from trainers.checks import config_problems, config_warnings
+from trainers.checks import check_config, config_problems, config_warnings
 from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
 from trainers.control import ControlChannel, ControlError, ControlRequest
 from trainers.dataset import (
-    DatasetError,
     ImageItem,
     assign_buckets,
     bucket_summary,
@@ -63,7 +62,7 @@ from trainers.freeze import auto_freeze_due, auto_freeze_window, manual_freeze_r
 from trainers.health import HealthMonitor
 from trainers.models import ModelAdapter, SampleConditioning, adapter_for
 from trainers.paths import resolve_dataset_path, resolve_model_path
-from trainers.validation import Validator, build_validator, check_validation, split_dataset
+from trainers.validation import Validator, build_validator, split_dataset
 
 CONFIG_FILE = "config.toml"
 
@@ -106,27 +105,85 @@ def _due(every: int, step: int, total_steps: int) -> bool:
 
 
 def train(config: TrainConfig) -> Path:
-    """Start a new run; returns its folder."""
+    """Start a new run; returns its folder.
+
+    A folder with checkpoints is refused (resume it, or choose another name); one where an earlier attempt
+    never reached a checkpoint starts over, with that attempt's files moved aside (trainers/run_folder.py).
+    """
     run_dir = config.run_dir
-    if list_checkpoints(run_dir) or (run_dir / "events.jsonl").exists():
-        raise ConfigError(
-            [
-                f"name: run folder {run_dir} already holds a run; continue it with "
-                f"`python -m trainers resume {run_dir}` or choose another name (--set name=...)"
-            ]
+    problems = config_problems(config)
+    if problems:  # before the run folder is touched: a wrong path leaves nothing behind
+        raise ConfigError(problems)
+    if run_folder.has_checkpoint_folders(run_dir):
+        raise ConfigError([_occupied_message(run_dir)])
+    recover_run_folder(run_dir)
+    moved = run_folder.set_aside_attempt(run_dir)
+    if moved is not None:
+        print(
+            f"{run_dir} held an attempt that never reached a checkpoint ({moved.reason}); starting over, "
+            f"its files are in {moved.folder}",
+            file=sys.stderr,
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    recover_run_folder(run_dir)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
     return Trainer(config).run(resume_from=None)
 
 
-def resume(run_dir: Path) -> Path:
-    """Continue a run from its newest intact checkpoint (or start it over if it has none)."""
+def _occupied_message(run_dir: Path) -> str:
+    done = run_folder.finished_event(run_dir)
+    if done is not None:
+        files = ", ".join(Path(p).name for p in done.get("exported", []))
+        return (
+            f"name: run folder {run_dir} already holds a run, finished (step {done.get('step')}; {files}); "
+            "choose another name (--set name=...)"
+        )
+    return (
+        f"name: run folder {run_dir} already holds a run with checkpoints; continue it with "
+        f"`python -m trainers resume {run_dir}` or choose another name (--set name=...)"
+    )
+
+
+def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Continue a run from its newest intact checkpoint (or start it over if it has none).
+
+    A finished run is not touched (its `done` event stays the last word). `config_path` replaces the saved
+    config of a run that never reached a checkpoint (the usual fix after it failed to start); a run with
+    checkpoints keeps its own config, so that resuming stays exact; `overrides` (--set) apply to
+    `config_path` only.
+    """
     run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_FILE)
+    if config_path is None or not run_dir.is_dir():  # with a config, any folder the run began in will do
+        run_folder.require_run(run_dir)
+    if config_path is None and run_folder.finished_event(run_dir) is not None:
+        return run_dir
     recover_run_folder(run_dir)
     checkpoints = list_checkpoints(run_dir)
+    if config_path is not None:
+        if checkpoints:
+            raise ConfigError(
+                [
+                    f"--config: {run_dir} has checkpoints (step {checkpoints[-1][0]}), so it continues with "
+                    f"its own config.toml; drop --config, or start a new run with "
+                    f"`python -m trainers train {config_path} --set name=...`"
+                ]
+            )
+        config = _config_for_folder(load_config(config_path, list(overrides)), run_dir)
+        problems = config_problems(config)
+        if problems:
+            raise ConfigError(problems)
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+    else:
+        config = load_config(run_dir / CONFIG_FILE)
+        problems = [] if checkpoints else config_problems(config)
+        if problems:
+            raise ConfigError(
+                [
+                    *problems,
+                    f"{run_dir} has no checkpoint yet, so nothing is lost by fixing its config: give the fixed "
+                    f"file with `python -m trainers resume {run_dir} --config FILE`, or `train` it again "
+                    "(the same name starts over)",
+                ]
+            )
     resume_from = checkpoints[-1][1] if checkpoints else None
     warnings = [
         f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
@@ -135,32 +192,15 @@ def resume(run_dir: Path) -> Path:
     return Trainer(config, run_dir=run_dir).run(resume_from, warnings)
 
 
+def _config_for_folder(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """`config` writing into `run_dir`, whatever name and output_dir it gives."""
+    return config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
+
+
 def check(config: TrainConfig) -> tuple[list[str], str]:
-    """(problems, dataset summary) found without loading a model; no problems means ready to train."""
-    problems = config_problems(config)
-    if any(problem.startswith("dataset.path") for problem in problems):
-        return problems, ""
-    try:  # the dataset's own problems are reported along with the config's
-        scan = scan_dataset(resolve_dataset_path(config.dataset.path), config.dataset.caption_extension)
-    except DatasetError as error:
-        return [*problems, f"dataset.path: {error}"], ""
-    if problems:
-        return problems, ""
-    validation_problems, validation_line = check_validation(config.dataset, scan.items)
-    if validation_problems:
-        return validation_problems, ""
-    dataset = config.dataset
-    buckets = assign_buckets(scan.items, dataset.resolution, dataset.max_aspect, dataset.no_upscale)
-    lines = [f"{len(scan.items)} images, {scan.num_samples} samples per epoch", bucket_summary(buckets)]
-    lines += [f"skipped {path}: {reason}" for path, reason in scan.skipped]
-    lines += [
-        f"warning: {message}"
-        for message in scan.warnings + crop_warnings(scan.items, buckets, dataset.max_aspect)
-    ]
-    if scan.missing_captions:
-        lines.append(f"{len(scan.missing_captions)} images have no caption (trigger word only)")
-    lines += [f"warning: {message}" for message in config_warnings(config)]
-    return [], "\n".join(lines + ([validation_line] if validation_line else []))
+    """(problems, dataset summary) found without loading a model; no problems means ready to train
+    (trainers/checks.py's `check_config`, here for callers that know the trainer's API)."""
+    return check_config(config)
 
 
 class Trainer:

@@ -22,6 +22,7 @@ from PIL import Image
 from trainers.config import TrainConfig
 from trainers.flux_options import FluxTrainingOptions, LossWeighting, Quantization
 from trainers.models.base import ModelAdapter, SampleConditioning
+from trainers.models.families import FlowMatchingFamily
 
 # The ends of Flux.1's linear shift (FluxPipeline's calculate_shift, the scheduler configs' base/max
 # shift and base/max image_seq_len): mu goes from 0.5 at 256 tokens to 1.15 at 4096 tokens.
@@ -142,7 +143,7 @@ def flow_matching_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-class FlowMatchingAdapter(ModelAdapter):
+class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
     """Loading, LoRA placement, quantisation, the loss and sampling that the Flux families share.
 
     A family supplies `_load_pipeline`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
@@ -150,9 +151,7 @@ class FlowMatchingAdapter(ModelAdapter):
     defaults; its named LoRA target sets are its module's TARGET_SETS.
     """
 
-    family: str
-    components: tuple[str, ...] = ("transformer",)
-    text_encoders: tuple[str, ...] = ()
+    transformer_class: type  # the diffusers class (FlowMatchingFamily names it for the checks)
 
     def __init__(
         self, config: TrainConfig, device: torch.device, options: FluxTrainingOptions | None = None
@@ -161,46 +160,9 @@ class FlowMatchingAdapter(ModelAdapter):
         self.options = options if options is not None else flux_options(config)
 
     # ------------------------------------------------------------------ checks before loading
-    # tensor-name prefixes a single transformer file of this family has (BFL or diffusers naming), and
-    # prefixes that mark the other Flux family
-    file_key_prefixes: tuple[str, ...] = ()
-    foreign_key_prefixes: tuple[str, ...] = ()
-
     @classmethod
     def check_device(cls, config: TrainConfig, device: torch.device) -> None:
         check_quantization(config.flux, device)
-
-    @classmethod
-    def check_model_file(cls, path: Path, keys: list[str]) -> str | None:
-        def has(prefix: str) -> bool:
-            return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
-
-        if any(has(prefix) for prefix in cls.file_key_prefixes) and not any(
-            has(prefix) for prefix in cls.foreign_key_prefixes
-        ):
-            return None
-        from trainers.models.base import guess_model_kind
-
-        return (
-            f"model.path: {path} is not a {cls.family} transformer ({guess_model_kind(keys)}: no "
-            f"{' / '.join(p + '*' for p in cls.file_key_prefixes)} tensors); give the family's transformer "
-            ".safetensors with flux.components_path, or a diffusers folder (or set model.family to the "
-            "model's family)"
-        )
-
-    @classmethod
-    def lora_target_lists(cls, config: TrainConfig) -> list[tuple[str, str, list[str]]]:
-        targets = config.flux.lora_targets
-        # a named set is this module's own regex, so only a raw module list can name a missing layer
-        return [("flux.lora_targets", "transformer", targets)] if isinstance(targets, list) else []
-
-    @classmethod
-    def component_config(cls, model_path: str, component: str) -> dict | None:
-        return None  # the tiny demo models are built as folders; their configs are read from there
-
-    @classmethod
-    def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
-        return cls.transformer_class.from_config(config)
 
     # ------------------------------------------------------------------ family hooks
     @abstractmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from trainers.config import DEMO_SCHEME, TrainConfig
+from trainers.models.families import FluxFamily
 from trainers.models.flow_matching import FlowMatchingAdapter
 
 # T5 tokens per caption: FluxPipeline's default for dev, the most schnell was distilled with
@@ -35,39 +35,8 @@ TARGET_SETS = {
 }
 
 
-class FluxAdapter(FlowMatchingAdapter):
-    family = "flux"
-    model_file_hint = "a Flux.1 transformer .safetensors (with flux.components_path)"
-    components = ("transformer", "text_encoder")  # the transformer, then CLIP-L when it trains
-    text_encoders = ("text_encoder", "text_encoder_2")
+class FluxAdapter(FluxFamily, FlowMatchingAdapter):  # the checks before loading are FluxFamily's
     transformer_class = FluxTransformer2DModel
-    file_key_prefixes = ("double_blocks.", "single_transformer_blocks.")  # BFL / diffusers names
-    foreign_key_prefixes = ("double_stream_modulation_img.",)  # Klein's shared modulation
-
-    @classmethod
-    def lora_target_lists(cls, config: TrainConfig) -> list[tuple[str, str, list[str]]]:
-        targets = super().lora_target_lists(config)
-        if config.lora.train_text_encoder:  # CLIP-L only, as kohya and the diffusers example train it
-            targets.append(
-                ("lora.text_encoder_target_modules", "text_encoder", config.lora.text_encoder_target_modules)
-            )
-        return targets
-
-    @classmethod
-    def component_config(cls, model_path: str, component: str) -> dict | None:
-        if model_path != DEMO_SCHEME + "tiny-flux":
-            return None
-        from trainers.tiny_flux import CLIP_CONFIG, FLUX_TRANSFORMER_CONFIG
-
-        return dict(FLUX_TRANSFORMER_CONFIG) if component == "transformer" else dict(CLIP_CONFIG)
-
-    @classmethod
-    def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
-        if component == "transformer":
-            return FluxTransformer2DModel.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        return CLIPTextModel(CLIPTextConfig.from_dict(config))
 
     def _load_pipeline(self) -> FluxPipeline:
         single = self._single_file_source()

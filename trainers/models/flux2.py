@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
-from trainers.config import DEMO_SCHEME
+from trainers.models.families import Flux2Family
 from trainers.models.flow_matching import FlowMatchingAdapter
 
 QWEN_TOKENS = 512  # Flux2KleinPipeline's tokenizer_max_length
@@ -39,21 +39,8 @@ TARGET_SETS = {
 _KLEIN_SIZES = {3072: "4b", 4096: "9b"}
 
 
-class Flux2Adapter(FlowMatchingAdapter):
-    family = "flux2"
-    model_file_hint = "a Flux.2 Klein transformer .safetensors (with flux.components_path)"
-    components = ("transformer",)
-    text_encoders = ("text_encoder",)
+class Flux2Adapter(Flux2Family, FlowMatchingAdapter):  # the checks before loading are Flux2Family's
     transformer_class = Flux2Transformer2DModel
-    file_key_prefixes = ("double_stream_modulation_img.",)  # the modulation all Flux.2 blocks share
-
-    @classmethod
-    def component_config(cls, model_path: str, component: str) -> dict | None:
-        if model_path != DEMO_SCHEME + "tiny-klein":
-            return None
-        from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG
-
-        return dict(KLEIN_TRANSFORMER_CONFIG)
 
     def _load_pipeline(self) -> Flux2KleinPipeline:
         single = self._single_file_source()

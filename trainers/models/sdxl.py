@@ -15,58 +15,11 @@ from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
-from trainers.config import DEMO_SCHEME, TrainConfig
-from trainers.models.base import ModelAdapter, SampleConditioning, caption_length_warning, guess_model_kind
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# Keys every SDXL single-file checkpoint has: its UNet, and the second (OpenCLIP bigG) text encoder.
-SDXL_KEY_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
+from trainers.models.base import ModelAdapter, SampleConditioning, caption_length_warning
+from trainers.models.families import TEXT_ENCODERS, SDXLFamily
 
 
-class SDXLAdapter(ModelAdapter):
-    family = "sdxl"
-    model_file_hint = "an SDXL .safetensors checkpoint"
-    components = ("unet", "text_encoder", "text_encoder_2")
-
-    # ------------------------------------------------------------------ checks before loading
-    @classmethod
-    def check_model_file(cls, path: Path, keys: list[str]) -> str | None:
-        if all(any(key.startswith(prefix) for key in keys) for prefix in SDXL_KEY_PREFIXES):
-            return None
-        return (
-            f"model.path: {path} is not an SDXL checkpoint ({guess_model_kind(keys)}: no "
-            f"{' / '.join(p + '*' for p in SDXL_KEY_PREFIXES)} tensors); give an SDXL .safetensors checkpoint "
-            "or a diffusers folder"
-        )
-
-    @classmethod
-    def lora_target_lists(cls, config: TrainConfig) -> list[tuple[str, str, list[str]]]:
-        lora = config.lora
-        targets = [("lora.target_modules", "unet", lora.target_modules)]
-        if lora.train_text_encoder:
-            field = "lora.text_encoder_target_modules"
-            targets += [(field, name, lora.text_encoder_target_modules) for name in TEXT_ENCODERS]
-        return targets
-
-    @classmethod
-    def component_config(cls, model_path: str, component: str) -> dict | None:
-        if not model_path.startswith(DEMO_SCHEME):
-            return None
-        from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG
-
-        return dict(UNET_CONFIG) if component == "unet" else dict(CLIP_CONFIG)
-
-    @classmethod
-    def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
-
-            return UNet2DConditionModel.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-        model_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-        return model_class(CLIPTextConfig.from_dict(config))
-
+class SDXLAdapter(SDXLFamily, ModelAdapter):  # the checks before loading are SDXLFamily's
     def load(self) -> None:
         path = self.config.model.path
         try:
