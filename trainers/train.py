@@ -241,6 +241,7 @@ class Trainer:
         adapter = adapter_class(config.model_copy(update={"model": local_model}), self.device)
         adapter.load()
         latents, texts = self._fill_caches(adapter, data)
+        adapter.prepare_samples(config.sampling.prompts)  # while the text encoders are on the device
         adapter.offload_encoders()
         torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
         params_by_component = adapter.add_lora()

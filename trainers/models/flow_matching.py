@@ -269,10 +269,13 @@ class FlowMatchingAdapter(ModelAdapter):
 
     def offload_encoders(self) -> None:
         self.pipe.vae.to("cpu")
+        self._frozen_text_encoders_off()
+        self.pipe.transformer.to(self.device)
+
+    def _frozen_text_encoders_off(self) -> None:
         for name in self.text_encoders:
             if not (name == "text_encoder" and self.config.lora.train_text_encoder):
                 getattr(self.pipe, name).to("cpu")
-        self.pipe.transformer.to(self.device)
 
     def _encoders_on_device(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -341,24 +344,29 @@ class FlowMatchingAdapter(ModelAdapter):
         return flow_matching_loss(prediction, x0, noise, sigmas, self.options.loss_weighting)
 
     # ------------------------------------------------------------------ samples
+    def _sample_settings(self) -> tuple[int, float]:
+        """(steps, guidance) of samples: the options', else the variant's defaults."""
+        default_steps, default_guidance = self._sample_defaults()
+        guidance = self.options.sample_guidance
+        return self.options.sample_steps or default_steps, default_guidance if guidance is None else guidance
+
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
         sampling = self.config.sampling
-        default_steps, default_guidance = self._sample_defaults()
-        steps = self.options.sample_steps or default_steps
-        guidance = (
-            self.options.sample_guidance if self.options.sample_guidance is not None else default_guidance
-        )
-        self._encoders_on_device((*self.text_encoders, "vae"))
+        steps, guidance = self._sample_settings()
         width = sampling.width or self.config.dataset.resolution
         height = sampling.height or self.config.dataset.resolution
         images = []
         try:
+            self._encode_sample_prompts(prompts)  # only prompts prepare_samples did not see
+            self._frozen_text_encoders_off()  # the denoiser and the VAE alone on the device while denoising
+            self._encoders_on_device(("vae",))
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(self.device).manual_seed(seed + index)
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    text = self._sample_text(prompt)
                     images += self.pipe(
-                        prompt=prompt,
+                        **text,
                         num_inference_steps=steps,
                         guidance_scale=guidance,
                         width=width,

@@ -126,6 +126,23 @@ class FluxAdapter(FlowMatchingAdapter):
             )
         return {"prompt_embeds": prompt_embeds, "pooled": pooled}
 
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        self._encoders_on_device(self.text_encoders)
+        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        text = super()._sample_text(prompt)  # T5's embeddings: T5 never trains
+        if (
+            self.config.lora.train_text_encoder
+        ):  # CLIP-L trains (and stays on the device): its pooled output now
+            text["pooled_prompt_embeds"] = self.pipe._get_clip_prompt_embeds(
+                prompt=prompt, device=self.device
+            )
+        return text
+
     def _token_count(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 

@@ -119,6 +119,20 @@ class Flux2Adapter(FlowMatchingAdapter):
         )
         return {"prompt_embeds": prompt_embeds}
 
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        self._encoders_on_device(self.text_encoders)
+
+        def encode(text: str) -> torch.Tensor:
+            return self.pipe.encode_prompt(
+                prompt=text, device=self.device, max_sequence_length=self.max_sequence_length
+            )[0]
+
+        embeds = {"prompt_embeds": encode(prompt)}
+        _, guidance = self._sample_settings()
+        if guidance > 1 and not self.pipe.config.is_distilled:  # the pipeline's CFG, with an empty negative
+            embeds["negative_prompt_embeds"] = encode("")
+        return embeds
+
     def _token_count(self, latents: torch.Tensor) -> int:
         return latents.shape[-2] * latents.shape[-1]  # already patchified: one token per position
 
