@@ -134,7 +134,7 @@ def flow_matching_loss(
 class FlowMatchingAdapter(ModelAdapter):
     """Loading, LoRA placement, quantisation, the loss and sampling that the Flux families share.
 
-    A family supplies `_load_pipeline`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
+    A family supplies its `pipeline_class`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
     cached layout to a velocity in the same layout), `_token_count`, `max_sequence_length` and the sample
     defaults; its named LoRA target sets are its module's TARGET_SETS.
     """
@@ -192,9 +192,8 @@ class FlowMatchingAdapter(ModelAdapter):
         return cls.transformer_class.from_config(config)
 
     # ------------------------------------------------------------------ family hooks
-    @abstractmethod
-    def _load_pipeline(self) -> Any:
-        """The family's pipeline from model.path (or the single file + components_path), in self.dtype."""
+    pipeline_class: Any  # the family's diffusers pipeline (FluxPipeline, Flux2KleinPipeline)
+    pipeline_name: str  # what a loading error calls it
 
     @abstractmethod
     def _check_variant(self) -> None:
@@ -240,6 +239,20 @@ class FlowMatchingAdapter(ModelAdapter):
         pipe.vae.to(self.device)
         for name in self.text_encoders:
             getattr(pipe, name).to(self.device)
+
+    def _load_pipeline(self) -> Any:
+        """The family's pipeline from model.path (or the single file + components_path), in self.dtype."""
+        single = self._single_file_source()
+        try:
+            if single is not None:
+                file, rest = single
+                transformer = self.transformer_class.from_single_file(
+                    file, config=rest, subfolder="transformer", dtype=self.dtype
+                )
+                return self.pipeline_class.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
+            return self.pipeline_class.from_pretrained(self.config.model.path, dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as error:
+            raise self._load_error(error, self.pipeline_name) from error
 
     def _load_error(self, error: Exception, what: str) -> RuntimeError:
         return RuntimeError(

@@ -41,6 +41,8 @@ class FluxAdapter(FlowMatchingAdapter):
     components = ("transformer", "text_encoder")  # the transformer, then CLIP-L when it trains
     text_encoders = ("text_encoder", "text_encoder_2")
     transformer_class = FluxTransformer2DModel
+    pipeline_class = FluxPipeline
+    pipeline_name = "Flux.1 pipeline"
     file_key_prefixes = ("double_blocks.", "single_transformer_blocks.")  # BFL / diffusers names
     foreign_key_prefixes = ("double_stream_modulation_img.",)  # Klein's shared modulation
 
@@ -68,19 +70,6 @@ class FluxAdapter(FlowMatchingAdapter):
         from transformers import CLIPTextConfig, CLIPTextModel
 
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
-
-    def _load_pipeline(self) -> FluxPipeline:
-        single = self._single_file_source()
-        try:
-            if single is not None:
-                file, rest = single
-                transformer = FluxTransformer2DModel.from_single_file(
-                    file, config=rest, subfolder="transformer", dtype=self.dtype
-                )
-                return FluxPipeline.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
-            return FluxPipeline.from_pretrained(self.config.model.path, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as error:
-            raise self._load_error(error, "Flux.1 pipeline") from error
 
     @property
     def variant(self) -> str:

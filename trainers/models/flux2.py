@@ -45,6 +45,8 @@ class Flux2Adapter(FlowMatchingAdapter):
     components = ("transformer",)
     text_encoders = ("text_encoder",)
     transformer_class = Flux2Transformer2DModel
+    pipeline_class = Flux2KleinPipeline
+    pipeline_name = "Flux.2 Klein pipeline"
     file_key_prefixes = ("double_stream_modulation_img.",)  # the modulation all Flux.2 blocks share
 
     @classmethod
@@ -54,19 +56,6 @@ class Flux2Adapter(FlowMatchingAdapter):
         from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG
 
         return dict(KLEIN_TRANSFORMER_CONFIG)
-
-    def _load_pipeline(self) -> Flux2KleinPipeline:
-        single = self._single_file_source()
-        try:
-            if single is not None:
-                file, rest = single
-                transformer = Flux2Transformer2DModel.from_single_file(
-                    file, config=rest, subfolder="transformer", dtype=self.dtype
-                )
-                return Flux2KleinPipeline.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
-            return Flux2KleinPipeline.from_pretrained(self.config.model.path, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as error:
-            raise self._load_error(error, "Flux.2 Klein pipeline") from error
 
     @property
     def variant(self) -> str:
