@@ -11,9 +11,9 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from trainers.atomic import atomic_write
+from trainers.atomic import atomic_write, write_safetensors
 
 CACHE_FOLDER = ".ppsf-cache"
 
@@ -53,7 +53,8 @@ class TensorCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        atomic_write(self._path(key), lambda tmp: save_file(tensors, str(tmp)))
+        # written by Python, so a full disk is an OSError with its errno, as for checkpoints
+        atomic_write(self._path(key), lambda tmp: write_safetensors(tmp, tensors))
 
 
 def cache_root(dataset_root: Path, cache_dir: str | None) -> Path:

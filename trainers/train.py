@@ -300,6 +300,7 @@ class Trainer:
         latents, texts = self._fill_caches(adapter, data)
         if validator is not None:
             validator.prepare(adapter, latents, texts)  # encoded once, while the encoders are loaded
+        adapter.prepare_samples(config.sampling.prompts)  # while the text encoders are on the device
         adapter.offload_encoders()
         torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
         params_by_component = adapter.add_lora()

@@ -65,6 +65,8 @@ class ModelAdapter(ABC):
         self.config = config
         self.device = device
         self.dtype = TORCH_DTYPES[config.training.precision]
+        # each sample prompt's text conditioning for the pipeline (CPU tensors), encoded before training
+        self._sample_texts: dict[str, dict[str, torch.Tensor]] = {}
 
     @abstractmethod
     def load(self) -> None:
@@ -119,7 +121,36 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
-        """One image per prompt with the current weights, at fixed seeds."""
+        """One image per prompt with the current weights, at fixed seeds. Prompts that `prepare_samples`
+        encoded need no frozen text encoder: only the denoiser and the VAE are on the device."""
+
+    def prepare_samples(self, prompts: list[str]) -> None:
+        """Encode the sample prompts now, while the text encoders are on the device for the caches (call it
+        before `offload_encoders`), so that samples never bring a frozen text encoder back beside the
+        denoiser. Prompts it has not seen are encoded when sampled, as before."""
+        self._sample_texts = {}
+        self._encode_sample_prompts(prompts)
+
+    @torch.no_grad()
+    def _encode_sample_prompts(self, prompts: list[str]) -> None:
+        """Encode the prompts not encoded yet, under the autocast samples run in (so the embeddings are the
+        ones the pipeline would make from the prompt itself)."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._sample_texts:
+                continue
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                text = self._encode_sample_prompt(prompt)
+            self._sample_texts[prompt] = {k: v.to("cpu") for k, v in text.items() if v is not None}
+
+    def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The pipeline's text arguments for `prompt`, on the device (encoded first if it is new)."""
+        self._encode_sample_prompts([prompt])
+        return {k: v.to(self.device) for k, v in self._sample_texts[prompt].items()}
+
+    @abstractmethod
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor | None]:
+        """The family pipeline's text arguments (prompt_embeds, ...) for one sample prompt, made with the
+        text encoders on the device."""
 
     @abstractmethod
     def export_metadata(self) -> dict[str, str]:

@@ -146,7 +146,7 @@ def flow_matching_loss(
 class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
     """Loading, LoRA placement, quantisation, the loss and sampling that the Flux families share.
 
-    A family supplies `_load_pipeline`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
+    A family supplies its `pipeline_class`, `encode_images`, `encode_captions`, `_predict` (noisy latents in the
     cached layout to a velocity in the same layout), `_token_count`, `max_sequence_length` and the sample
     defaults; its named LoRA target sets are its module's TARGET_SETS.
     """
@@ -165,9 +165,8 @@ class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
         check_quantization(config.flux, device)
 
     # ------------------------------------------------------------------ family hooks
-    @abstractmethod
-    def _load_pipeline(self) -> Any:
-        """The family's pipeline from model.path (or the single file + components_path), in self.dtype."""
+    pipeline_class: Any  # the family's diffusers pipeline (FluxPipeline, Flux2KleinPipeline)
+    pipeline_name: str  # what a loading error calls it
 
     @abstractmethod
     def _check_variant(self) -> None:
@@ -214,6 +213,20 @@ class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
         for name in self.text_encoders:
             getattr(pipe, name).to(self.device)
 
+    def _load_pipeline(self) -> Any:
+        """The family's pipeline from model.path (or the single file + components_path), in self.dtype."""
+        single = self._single_file_source()
+        try:
+            if single is not None:
+                file, rest = single
+                transformer = self.transformer_class.from_single_file(
+                    file, config=rest, subfolder="transformer", dtype=self.dtype
+                )
+                return self.pipeline_class.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
+            return self.pipeline_class.from_pretrained(self.config.model.path, dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as error:
+            raise self._load_error(error, self.pipeline_name) from error
+
     def _load_error(self, error: Exception, what: str) -> RuntimeError:
         return RuntimeError(
             f"model.path {self.config.model.path!r}: could not load a {what} ({error}). Give a diffusers "
@@ -242,10 +255,13 @@ class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
 
     def offload_encoders(self) -> None:
         self.pipe.vae.to("cpu")
+        self._frozen_text_encoders_off()
+        self.pipe.transformer.to(self.device)
+
+    def _frozen_text_encoders_off(self) -> None:
         for name in self.text_encoders:
             if not (name == "text_encoder" and self.config.lora.train_text_encoder):
                 getattr(self.pipe, name).to("cpu")
-        self.pipe.transformer.to(self.device)
 
     def _encoders_on_device(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -333,24 +349,29 @@ class FlowMatchingAdapter(FlowMatchingFamily, ModelAdapter):
         return flow_matching_loss(prediction, x0, noise, sigmas, self.options.loss_weighting)
 
     # ------------------------------------------------------------------ samples
+    def _sample_settings(self) -> tuple[int, float]:
+        """(steps, guidance) of samples: the options', else the variant's defaults."""
+        default_steps, default_guidance = self._sample_defaults()
+        guidance = self.options.sample_guidance
+        return self.options.sample_steps or default_steps, default_guidance if guidance is None else guidance
+
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
         sampling = self.config.sampling
-        default_steps, default_guidance = self._sample_defaults()
-        steps = self.options.sample_steps or default_steps
-        guidance = (
-            self.options.sample_guidance if self.options.sample_guidance is not None else default_guidance
-        )
-        self._encoders_on_device((*self.text_encoders, "vae"))
+        steps, guidance = self._sample_settings()
         width = sampling.width or self.config.dataset.resolution
         height = sampling.height or self.config.dataset.resolution
         images = []
         try:
+            self._encode_sample_prompts(prompts)  # only prompts prepare_samples did not see
+            self._frozen_text_encoders_off()  # the denoiser and the VAE alone on the device while denoising
+            self._encoders_on_device(("vae",))
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(self.device).manual_seed(seed + index)
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    text = self._sample_text(prompt)
                     images += self.pipe(
-                        prompt=prompt,
+                        **text,
                         num_inference_steps=steps,
                         guidance_scale=guidance,
                         width=width,

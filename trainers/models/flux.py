@@ -37,19 +37,8 @@ TARGET_SETS = {
 
 class FluxAdapter(FluxFamily, FlowMatchingAdapter):  # the checks before loading are FluxFamily's
     transformer_class = FluxTransformer2DModel
-
-    def _load_pipeline(self) -> FluxPipeline:
-        single = self._single_file_source()
-        try:
-            if single is not None:
-                file, rest = single
-                transformer = FluxTransformer2DModel.from_single_file(
-                    file, config=rest, subfolder="transformer", dtype=self.dtype
-                )
-                return FluxPipeline.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
-            return FluxPipeline.from_pretrained(self.config.model.path, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as error:
-            raise self._load_error(error, "Flux.1 pipeline") from error
+    pipeline_class = FluxPipeline
+    pipeline_name = "Flux.1 pipeline"
 
     @property
     def variant(self) -> str:
@@ -94,6 +83,23 @@ class FluxAdapter(FluxFamily, FlowMatchingAdapter):  # the checks before loading
                 captions, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
             )
         return {"prompt_embeds": prompt_embeds, "pooled": pooled}
+
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        self._encoders_on_device(self.text_encoders)
+        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        text = super()._sample_text(prompt)  # T5's embeddings: T5 never trains
+        if (
+            self.config.lora.train_text_encoder
+        ):  # CLIP-L trains (and stays on the device): its pooled output now
+            text["pooled_prompt_embeds"] = self.pipe._get_clip_prompt_embeds(
+                prompt=prompt, device=self.device
+            )
+        return text
 
     def _token_count(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)

@@ -41,19 +41,8 @@ _KLEIN_SIZES = {3072: "4b", 4096: "9b"}
 
 class Flux2Adapter(Flux2Family, FlowMatchingAdapter):  # the checks before loading are Flux2Family's
     transformer_class = Flux2Transformer2DModel
-
-    def _load_pipeline(self) -> Flux2KleinPipeline:
-        single = self._single_file_source()
-        try:
-            if single is not None:
-                file, rest = single
-                transformer = Flux2Transformer2DModel.from_single_file(
-                    file, config=rest, subfolder="transformer", dtype=self.dtype
-                )
-                return Flux2KleinPipeline.from_pretrained(rest, transformer=transformer, dtype=self.dtype)
-            return Flux2KleinPipeline.from_pretrained(self.config.model.path, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as error:
-            raise self._load_error(error, "Flux.2 Klein pipeline") from error
+    pipeline_class = Flux2KleinPipeline
+    pipeline_name = "Flux.2 Klein pipeline"
 
     @property
     def variant(self) -> str:
@@ -105,6 +94,20 @@ class Flux2Adapter(Flux2Family, FlowMatchingAdapter):  # the checks before loadi
             captions, device=self.device, max_sequence_length=self.max_sequence_length
         )
         return {"prompt_embeds": prompt_embeds}
+
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        self._encoders_on_device(self.text_encoders)
+
+        def encode(text: str) -> torch.Tensor:
+            return self.pipe.encode_prompt(
+                prompt=text, device=self.device, max_sequence_length=self.max_sequence_length
+            )[0]
+
+        embeds = {"prompt_embeds": encode(prompt)}
+        _, guidance = self._sample_settings()
+        if guidance > 1 and not self.pipe.config.is_distilled:  # the pipeline's CFG, with an empty negative
+            embeds["negative_prompt_embeds"] = encode("")
+        return embeds
 
     def _token_count(self, latents: torch.Tensor) -> int:
         return latents.shape[-2] * latents.shape[-1]  # already patchified: one token per position

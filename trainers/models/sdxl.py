@@ -211,18 +211,22 @@ class SDXLAdapter(SDXLFamily, ModelAdapter):  # the checks before loading are SD
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int) -> list[Image.Image]:
         sampling = self.config.sampling
-        for name in (*TEXT_ENCODERS, "vae"):
-            getattr(self.pipe, name).to(self.device)
         width = sampling.width or self.config.dataset.resolution
         height = sampling.height or self.config.dataset.resolution
         images = []
         try:
+            if self.config.lora.train_text_encoder:  # both encoders train: encode with their current weights
+                self._sample_texts = {}
+            self._encode_sample_prompts(prompts)  # only prompts prepare_samples did not see
+            if not self.config.lora.train_text_encoder:  # the UNet and the VAE alone while denoising
+                for name in TEXT_ENCODERS:
+                    getattr(self.pipe, name).to("cpu")
+            self.pipe.vae.to(self.device)
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(self.device).manual_seed(seed + index)
                 with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                     latents = self.pipe(
-                        prompt,
-                        negative_prompt=sampling.negative_prompt or None,
+                        **self._sample_text(prompt),
                         num_inference_steps=sampling.steps,
                         guidance_scale=sampling.guidance,
                         width=width,
@@ -234,6 +238,27 @@ class SDXLAdapter(SDXLFamily, ModelAdapter):  # the checks before loading are SD
         finally:
             self.offload_encoders()
         return images
+
+    def _encode_sample_prompt(self, prompt: str) -> dict[str, torch.Tensor | None]:
+        for name in TEXT_ENCODERS:
+            getattr(self.pipe, name).to(self.device)
+        sampling = self.config.sampling
+        with _quiet_pipeline_warnings():
+            embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+                prompt,
+                device=self.device,
+                num_images_per_prompt=1,
+                # the pipeline's own rule for classifier-free guidance
+                do_classifier_free_guidance=sampling.guidance > 1
+                and self.pipe.unet.config.time_cond_proj_dim is None,
+                negative_prompt=sampling.negative_prompt or None,
+            )
+        return {
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents to images with the VAE in fp32, outside autocast (it overflows in fp16)."""
