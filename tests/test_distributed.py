@@ -166,5 +166,201 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path) -> N
             torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from trainers.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    from trainers.tiny_models import write_demo_dataset
+
+    return write_demo_dataset(tmp_path / "data", num_images=6)
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1), so their floats are ours
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_config(tmp_path: Path, model: Path, dataset: Path, **sections) -> dict:
+    data = {
+        "name": "run",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": str(model)},
+        "dataset": {"path": str(dataset), "resolution": 64, "trigger_word": "shapes"},
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {"max_steps": 4, "batch_size": 1, "precision": "fp32", "seed": 7},
+        "optimizer": {"d0": 1e-4, "fused_back_pass": False},
+        "sampling": {"prompts": [], "steps": 2},
+        "saving": {"every_n_steps": 2, "keep_last": 5, "formats": ["kohya"], "dtype": "fp32"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    import tomli_w
+
+    path = tmp_path / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def train_here(data: dict) -> Path:
+    """The same config on this one process."""
+    from trainers import train as training
+    from trainers.config import validate_config
+
+    return training.train(validate_config(data))
+
+
+def steps(run_dir: Path) -> list[dict]:
+    from trainers.events import read_events
+
+    return [e for e in read_events(run_dir) if e["type"] == "step"]
+
+
+def checkpoint_lora(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "lora.safetensors")
+
+
+def assert_same_training(run_dir: Path, reference: Path, step: int) -> None:
+    """Losses, d and the LoRA of `run_dir` equal the reference run's (float tolerance: the sums differ)."""
+    got, expected = steps(run_dir), steps(reference)
+    assert [e["step"] for e in got] == [e["step"] for e in expected]
+    assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in expected], rel=1e-5)
+    d_got = [g["d"] for e in got for g in e["groups"]]
+    d_expected = [g["d"] for e in expected for g in e["groups"]]
+    assert d_expected[-1] > d_expected[0], "d should have grown from d0"
+    assert d_got == pytest.approx(d_expected, rel=1e-5)
+    a, b = checkpoint_lora(run_dir, step), checkpoint_lora(reference, step)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_accelerate_launch_makes_one_run_equal_to_one_process_and_resumable_on_one(
+    tmp_path, tiny_model, dataset, one_thread
+) -> None:
+    """`accelerate launch` with 2 processes, batch 1, accumulation 2 (no_sync on the first micro-batch) is
+    one run with a global batch of 4: the same as 1 process accumulating 4; rank 0 alone writes events,
+    checkpoints, samples and exports; its step-2 checkpoint resumed on 1 process ends where it ended."""
+    import shutil
+
+    from trainers import train as training
+    from trainers.events import read_events
+
+    data = make_config(
+        tmp_path / "two",
+        tiny_model,
+        dataset,
+        training={"gradient_accumulation": 2},
+        sampling={"prompts": ["shapes, a red circle"], "every_n_steps": 0},
+    )
+    config = write_config(tmp_path / "two", data)
+    # --multi_gpu is accelerate's torchrun launcher, which also starts CPU processes (gloo)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), "-m", "trainers", "train", str(config)]
+    env = {k: v for k, v in _environment(0, 1, 0).items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    launched = subprocess.run(
+        command, env=env, cwd=REPO, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    run_dir = tmp_path / "two" / "runs" / "run"
+
+    events = read_events(run_dir)
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2 and starts[0]["global_batch_size"] == 4
+    assert [e["step"] for e in steps(run_dir)] == [1, 2, 3, 4]
+    assert all(e["samples"] == 4 and e["samples_per_second"] > 0 for e in steps(run_dir))
+    assert [e["type"] for e in events].count("done") == 1
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]
+    assert len(list((run_dir / "samples").iterdir())) == 1
+    assert len(list((run_dir / "lora").iterdir())) == 1
+
+    reference = train_here(
+        make_config(tmp_path / "one", tiny_model, dataset, training={"gradient_accumulation": 4})
+    )
+    assert_same_training(run_dir, reference, step=4)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "lora")
+    training.resume(resumed)  # on this one process: it accumulates the 4 micro-batches itself
+    assert_same_training(resumed, reference, step=4)
+
+
+def test_fused_pass_on_two_processes_equals_one_process_accumulating(
+    tmp_path, tiny_model, dataset, one_thread
+) -> None:
+    """The fused backward pass under DDP (buckets stepped as their all-reduce completes), 2 processes x
+    batch 2, equals the plain step on 1 process accumulating 2 micro-batches of 2. Every checkpoint checked
+    that d is the same on both ranks (a mismatch would have ended the run with an error)."""
+    data = make_config(
+        tmp_path / "two", tiny_model, dataset, training={"batch_size": 2}, optimizer={"fused_back_pass": True}
+    )
+    log_dir = tmp_path / "logs"
+    returncodes = launch(trainer_command("train", str(write_config(tmp_path / "two", data))), 2, log_dir)
+    assert returncodes == [0, 0], logs(log_dir)
+    reference = train_here(
+        make_config(
+            tmp_path / "one", tiny_model, dataset, training={"batch_size": 2, "gradient_accumulation": 2}
+        )
+    )
+    assert_same_training(tmp_path / "two" / "runs" / "run", reference, step=4)
+
+
+def test_a_crashed_rank_ends_the_run_with_an_error_event_and_a_resumable_checkpoint(
+    tmp_path, tiny_model, dataset, one_thread
+) -> None:
+    from trainers import train as training
+    from trainers.events import read_events
+
+    data = make_config(tmp_path, tiny_model, dataset, training={"max_steps": 6})
+    log_dir = tmp_path / "logs"
+    returncodes = launch(
+        trainer_command("train", str(write_config(tmp_path, data))),
+        2,
+        log_dir,
+        rank_env={1: {"PPSF_FAULT": "train-step:3"}},  # rank 1 is killed in its third step
+    )
+    assert returncodes[1] == -9 and returncodes[0] not in (0, None), logs(log_dir)
+    run_dir = tmp_path / "runs" / "run"
+    last = read_events(run_dir)[-1]
+    assert last["type"] == "error" and last["last_checkpoint_step"] == 2, last
+    training.resume(run_dir)
+    events = read_events(run_dir)
+    assert events[-1]["type"] == "done" and events[-1]["step"] == 6
+    assert [e["step"] for e in steps(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> None:
+    from trainers.checks import distributed_problems
+    from trainers.config import validate_config
+
+    fused = validate_config(make_config(tmp_path, tiny_model, dataset, optimizer={"fused_back_pass": True}))
+    assert distributed_problems(fused, 2, 2) == []
+    assert distributed_problems(fused, 1, 1) == []
+    (problem,) = distributed_problems(fused, 1, 2)  # a 2-process fused run resumed on 1
+    assert problem.startswith("optimizer.fused_back_pass:")
+    plain = validate_config(make_config(tmp_path, tiny_model, dataset))
+    assert distributed_problems(plain, 1, 2) == []  # 1 process accumulates what 2 shared
+    (problem,) = distributed_problems(plain, 3, 4)
+    assert problem.startswith("training.gradient_accumulation:")
+
+
 if __name__ == "__main__":
     _optimizer_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
