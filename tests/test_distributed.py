@@ -362,5 +362,42 @@ def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> N
     assert problem.startswith("training.gradient_accumulation:")
 
 
+def test_gpus_flag_refuses_before_any_process_starts(tmp_path, tiny_model, dataset, monkeypatch, capsys):
+    from trainers import distributed
+    from trainers.__main__ import main as cli
+
+    def no_launch(command):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(distributed, "run_launched", no_launch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = write_config(tmp_path, make_config(tmp_path, tiny_model, dataset))
+    assert cli(["train", str(config), "--gpus", "2"]) == 2
+    assert "--gpus: 2 GPUs asked for, 0 found" in capsys.readouterr().err
+    assert cli(["train", str(config), "--gpus", "2", "--set", "dataset.path=/nowhere"]) == 2
+    assert "dataset.path" in capsys.readouterr().err
+
+
+def test_gpus_flag_starts_accelerate_with_the_config(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+    from trainers import distributed
+    from trainers.__main__ import main as cli
+
+    started = []
+    monkeypatch.setattr(distributed, "run_launched", lambda command: started.append(command) or 0)
+    monkeypatch.setattr(distributed, "gpu_problems", lambda processes: [])
+    config = write_config(tmp_path, make_config(tmp_path, tiny_model, dataset))
+    assert cli(["train", str(config), "--gpus", "2", "--set", "training.seed=3"]) == 0
+    (command,) = started
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
+    assert command[5] == "2"
+    assert command[command.index("trainers") :] == [
+        "trainers",
+        "train",
+        str(config),
+        "--set",
+        "training.seed=3",
+    ]
+
+
 if __name__ == "__main__":
     _optimizer_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
+    train.add_argument(
+        "--gpus", type=int, metavar="N", help="train on N GPUs of this machine (accelerate, one process each)"
+    )
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
     check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
@@ -70,6 +73,8 @@ def _command(args: argparse.Namespace, training) -> int:
         print(summary)
         print(f"{args.config}: ok")
         return 0
+    if args.command == "train" and args.gpus is not None:
+        return _train_on_gpus(args)
     if args.command == "train":
         run_dir = training.train(load_config(args.config, args.set))
         print(f"run folder: {run_dir}")
@@ -87,6 +92,22 @@ def _command(args: argparse.Namespace, training) -> int:
     for path in export_checkpoint(args.run_dir, folder, args.format):
         print(path)
     return 0
+
+
+def _train_on_gpus(args: argparse.Namespace) -> int:
+    """Check everything a run on --gpus N needs, then start N processes through accelerate."""
+    from trainers import distributed
+    from trainers.checks import config_problems, distributed_problems
+
+    config = load_config(args.config, args.set)  # a bad config stops here, before any process starts
+    accumulation = config.training.gradient_accumulation
+    problems = distributed.gpu_problems(args.gpus)
+    problems += distributed_problems(config, args.gpus, accumulation * args.gpus)
+    problems += config_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    command = distributed.launch_command(args.config, args.set, args.gpus, distributed.free_port())
+    return distributed.run_launched(command)
 
 
 if __name__ == "__main__":

@@ -242,3 +242,66 @@ def launched_processes() -> int:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- starting processes on this machine
+def launch_command(config_path: Path, overrides: list[str], processes: int, port: int) -> list[str]:
+    """`accelerate launch` of `python -m trainers train` on `processes` processes of this machine."""
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    command += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(port)]
+    # the trainer sets precision itself (training.precision); accelerate's flags would only warn
+    command += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "trainers",
+        "train",
+        str(config_path),
+    ]
+    for override in overrides:
+        command += ["--set", override]
+    return command
+
+
+def gpu_problems(processes: int) -> list[str]:
+    """Why `--gpus processes` cannot start here (one process per GPU of this machine)."""
+    if processes < 1:
+        return [f"--gpus: {processes} is not a number of GPUs; give 1 or more"]
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if processes > found:
+        return [
+            f"--gpus: {processes} GPUs asked for, {found} found on this machine; give at most {found}, or "
+            "start the processes with `accelerate launch` yourself (e.g. several machines)"
+        ]
+    return []
+
+
+def run_launched(command: list[str]) -> int:
+    """Run the launcher and wait; a SIGTERM (the UI's stop) is passed on so every process stops at the
+    same step with a checkpoint. Ctrl-C reaches the processes from the terminal by itself."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(command)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the processes' rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
