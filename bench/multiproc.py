@@ -54,7 +54,7 @@ def run(folder: Path, model: Path, dataset: Path, processes: int, args: argparse
     if processes == 1:
         command = [sys.executable, "-m", "trainers", "train", str(path)]
     else:
-        command = launch_command(path, [], processes, free_port())
+        command = launch_command(["train", str(path)], processes, free_port())
     subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, timeout=1800)
     return [e for e in read_events(folder / "runs" / f"p{processes}") if e["type"] == "step"]
 

@@ -341,6 +341,7 @@ def test_a_crashed_rank_ends_the_run_with_an_error_event_and_a_resumable_checkpo
     run_dir = tmp_path / "runs" / "run"
     last = read_events(run_dir)[-1]
     assert last["type"] == "error" and last["last_checkpoint_step"] == 2, last
+    assert last["message"].startswith("a process of this run failed or could not be reached"), last
     training.resume(run_dir)
     events = read_events(run_dir)
     assert events[-1]["type"] == "done" and events[-1]["step"] == 6
@@ -378,18 +379,23 @@ def test_gpus_flag_refuses_before_any_process_starts(tmp_path, tiny_model, datas
     assert "dataset.path" in capsys.readouterr().err
 
 
-def test_gpus_flag_starts_accelerate_with_the_config(tmp_path, tiny_model, dataset, monkeypatch) -> None:
+def test_gpus_flag_starts_accelerate_for_train_and_resume(
+    tmp_path, tiny_model, dataset, monkeypatch, capsys
+) -> None:
+    from safetensors.torch import save_file
+
     from trainers import distributed
     from trainers.__main__ import main as cli
 
     started = []
     monkeypatch.setattr(distributed, "run_launched", lambda command: started.append(command) or 0)
     monkeypatch.setattr(distributed, "gpu_problems", lambda processes: [])
-    config = write_config(tmp_path, make_config(tmp_path, tiny_model, dataset))
+    config = write_config(
+        tmp_path, make_config(tmp_path, tiny_model, dataset, optimizer={"fused_back_pass": True})
+    )
     assert cli(["train", str(config), "--gpus", "2", "--set", "training.seed=3"]) == 0
     (command,) = started
-    assert command[1:5] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
-    assert command[5] == "2"
+    assert command[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     assert command[command.index("trainers") :] == [
         "trainers",
         "train",
@@ -397,6 +403,22 @@ def test_gpus_flag_starts_accelerate_with_the_config(tmp_path, tiny_model, datas
         "--set",
         "training.seed=3",
     ]
+
+    # a 2-process fused run resumed on 1 GPU would have to accumulate: refused before any process starts
+    run_dir = tmp_path / "runs" / "run"
+    checkpoint = run_dir / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    state = {"step": 2, "epoch": 0, "batch_in_epoch": 4, "micro_batches_per_step": 2}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"trainer": state, "param_groups": []}))
+    for name in ("lora", "optimizer", "rng"):
+        save_file({"x": torch.zeros(1)}, checkpoint / f"{name}.safetensors")
+    (run_dir / "config.toml").write_text(config.read_text())
+    started.clear()
+    capsys.readouterr()
+    assert cli(["resume", str(run_dir), "--gpus", "1"]) == 2
+    assert "optimizer.fused_back_pass:" in capsys.readouterr().err and not started
+    assert cli(["resume", str(run_dir), "--gpus", "2"]) == 0
+    assert started[0][started[0].index("trainers") :] == ["trainers", "resume", str(run_dir)]
 
 
 if __name__ == "__main__":

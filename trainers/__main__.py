@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
+    resume.add_argument(
+        "--gpus", type=int, metavar="N", help="continue on N GPUs of this machine (any N, see the README)"
+    )
     check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
     check.add_argument("config", type=Path)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -73,8 +76,8 @@ def _command(args: argparse.Namespace, training) -> int:
         print(summary)
         print(f"{args.config}: ok")
         return 0
-    if args.command == "train" and args.gpus is not None:
-        return _train_on_gpus(args)
+    if args.command in ("train", "resume") and args.gpus is not None:
+        return _launch_on_gpus(args)
     if args.command == "train":
         run_dir = training.train(load_config(args.config, args.set))
         print(f"run folder: {run_dir}")
@@ -94,19 +97,29 @@ def _command(args: argparse.Namespace, training) -> int:
     return 0
 
 
-def _train_on_gpus(args: argparse.Namespace) -> int:
+def _launch_on_gpus(args: argparse.Namespace) -> int:
     """Check everything a run on --gpus N needs, then start N processes through accelerate."""
     from trainers import distributed
+    from trainers.checkpoint import list_checkpoints, saved_trainer_state
     from trainers.checks import config_problems, distributed_problems
+    from trainers.train import CONFIG_FILE
 
-    config = load_config(args.config, args.set)  # a bad config stops here, before any process starts
-    accumulation = config.training.gradient_accumulation
+    if args.command == "train":
+        config = load_config(args.config, args.set)  # a bad config stops here, before any process starts
+        trainer_args = ["train", str(args.config), *(part for o in args.set for part in ("--set", o))]
+        micro_batches = config.training.gradient_accumulation * args.gpus
+    else:
+        config = load_config(args.run_dir / CONFIG_FILE)
+        trainer_args = ["resume", str(args.run_dir)]
+        checkpoints = list_checkpoints(args.run_dir)
+        saved = saved_trainer_state(checkpoints[-1][1]).micro_batches_per_step if checkpoints else 0
+        micro_batches = saved or config.training.gradient_accumulation * args.gpus
     problems = distributed.gpu_problems(args.gpus)
-    problems += distributed_problems(config, args.gpus, accumulation * args.gpus)
+    problems += distributed_problems(config, args.gpus, micro_batches)
     problems += config_problems(config)
     if problems:
         raise ConfigError(problems)
-    command = distributed.launch_command(args.config, args.set, args.gpus, distributed.free_port())
+    command = distributed.launch_command(trainer_args, args.gpus, distributed.free_port())
     return distributed.run_launched(command)
 
 

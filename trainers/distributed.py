@@ -179,16 +179,40 @@ class DataParallel:
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def d_agrees(self, optimizer: Any) -> bool:
-        """Whether every rank has the same d in every group (always true on one process)."""
+    def same_on_all_ranks(self, values: list[float]) -> bool:
+        """Whether `values` are the same on every rank (one all-reduce of min and max)."""
         if not self.enabled:
             return True
         from ppsf_optim.ddp import same_on_all_ranks
 
-        return same_on_all_ranks([g["d"] for g in optimizer.param_groups])
+        return same_on_all_ranks(values)
+
+    def d_agrees(self, optimizer: Any) -> bool:
+        """Whether every rank has the same d in every group (always true on one process)."""
+        return self.same_on_all_ranks([g["d"] for g in optimizer.param_groups])
+
+    def failure_message(self, error: BaseException) -> str:
+        """The error event's message: a failed collective says that another process failed."""
+        message = f"{type(error).__name__}: {error}"
+        if self.enabled and _is_communication_error(error):
+            return (
+                f"a process of this run failed or could not be reached, so process {self.rank} stopped too "
+                f"(see the failed process's output for why; here: {message}). Continue from the last "
+                "checkpoint with `python -m trainers resume RUN_DIR`, on any number of processes."
+            )
+        return message
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def _is_communication_error(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+    )
 
 
 class _AdapterLoss(torch.nn.Module):
@@ -245,25 +269,14 @@ def _default_device() -> torch.device:
 
 
 # ---------------------------------------------------------------- starting processes on this machine
-def launch_command(config_path: Path, overrides: list[str], processes: int, port: int) -> list[str]:
-    """`accelerate launch` of `python -m trainers train` on `processes` processes of this machine."""
+def launch_command(trainer_args: list[str], processes: int, port: int) -> list[str]:
+    """`accelerate launch` of `python -m trainers TRAINER_ARGS` on `processes` processes of this machine."""
     import sys
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     command += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(port)]
     # the trainer sets precision itself (training.precision); accelerate's flags would only warn
-    command += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "trainers",
-        "train",
-        str(config_path),
-    ]
-    for override in overrides:
-        command += ["--set", override]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainers", *trainer_args]
     return command
 
 

@@ -135,6 +135,11 @@ def resume(run_dir: Path) -> Path:
         parallel.main_only(lambda: recover_run_folder(run_dir), failure=TrainingError)
         checkpoints = list_checkpoints(run_dir)
         resume_from = checkpoints[-1][1] if checkpoints else None
+        if not parallel.same_on_all_ranks([checkpoints[-1][0] if checkpoints else -1]):
+            raise TrainingError(
+                f"the processes find different checkpoints in {run_dir}: on several machines the run "
+                "folder (output_dir) must be on a filesystem they all share"
+            )
         warnings = [
             f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
             for problem in broken_checkpoints(run_dir)
@@ -200,7 +205,9 @@ class Trainer:
         except Exception as error:
             if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder, ...
                 raise TrainingError(self._write_failure_message(error)) from None
-            self._report("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
+            self._report(
+                "error", message=self.parallel.failure_message(error), **self._last_checkpoint_info()
+            )
             raise
         finally:
             stop.restore(previous_handlers)
