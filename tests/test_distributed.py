@@ -309,15 +309,25 @@ def test_fused_pass_on_two_processes_equals_one_process_accumulating(
     """The fused backward pass under DDP (buckets stepped as their all-reduce completes), 2 processes x
     batch 2, equals the plain step on 1 process accumulating 2 micro-batches of 2. Every checkpoint checked
     that d is the same on both ranks (a mismatch would have ended the run with an error)."""
+    lora = {"train_text_encoder": True}  # 3 groups with a d each, and LoRA layers that get no gradient
     data = make_config(
-        tmp_path / "two", tiny_model, dataset, training={"batch_size": 2}, optimizer={"fused_back_pass": True}
+        tmp_path / "two",
+        tiny_model,
+        dataset,
+        lora=lora,
+        training={"batch_size": 2},
+        optimizer={"fused_back_pass": True},
     )
     log_dir = tmp_path / "logs"
     returncodes = launch(trainer_command("train", str(write_config(tmp_path / "two", data))), 2, log_dir)
     assert returncodes == [0, 0], logs(log_dir)
     reference = train_here(
         make_config(
-            tmp_path / "one", tiny_model, dataset, training={"batch_size": 2, "gradient_accumulation": 2}
+            tmp_path / "one",
+            tiny_model,
+            dataset,
+            lora=lora,
+            training={"batch_size": 2, "gradient_accumulation": 2},
         )
     )
     assert_same_training(tmp_path / "two" / "runs" / "run", reference, step=4)

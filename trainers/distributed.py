@@ -147,6 +147,8 @@ class DataParallel:
             device_ids=[self.device] if self.device.type == "cuda" else None,
             forward_sync_buffers=False,
             gradient_as_bucket_view=True,  # gradients are views of the buckets: no second copy
+            # some LoRA layers may never get a gradient (SDXL reads its text encoders' penultimate layer)
+            find_unused_parameters=True,
         )
         if fused_back_pass:
             attach_fused_ddp(model, optimizer)
