@@ -307,6 +307,20 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
         params, self._pending, self._pending_ids, self._pending_bytes = self._pending, [], set(), 0
         if not params:
             return
+        self.step_params(params)
+        for p in params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step_params(self, params: list[torch.Tensor]) -> None:
+        """Step `params` together now from their `.grad`, inside the open step (opened if none), leaving
+        the gradients in place; `end_step()` ends the step. The fused backward pass steps its buckets with
+        this, and so does the DDP communication hook of `ppsf_optim.ddp` once a bucket is all-reduced.
+        Parameters without a gradient are left alone; a NaN/inf gradient skips its parameter and the step's
+        d update, as in the fused pass."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
         self._check_train_mode()
         self._open_step()
         finite = _finite_flags([p.grad for p in params])
@@ -314,9 +328,7 @@ class ProdigyPlusScheduleFree(torch.optim.Optimizer):
             if not ok:
                 self._accumulator_for(self._group_index_of(p), p.device).nonfinite.add_(1)
         self._step_with_grads([p for p, ok in zip(params, finite) if ok], self._open_scalars)
-        for p in params:
-            p.grad = None
-            self._stepped_params.add(id(p))
+        self._stepped_params.update(id(p) for p in params)
 
     def _open_step(self) -> None:
         if self._open_scalars is None:

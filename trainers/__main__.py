@@ -23,12 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
+    train.add_argument(
+        "--gpus", type=int, metavar="N", help="train on N GPUs of this machine (accelerate, one process each)"
+    )
     resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
     resume.add_argument(
         "--config", type=Path, help="a fixed config for a run that stopped before its first checkpoint"
     )
     resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config")
+    resume.add_argument(
+        "--gpus", type=int, metavar="N", help="continue on N GPUs of this machine (any N, see the README)"
+    )
     check = commands.add_parser("check", help="validate a config and its dataset without loading a model")
     check.add_argument("config", type=Path)
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -96,6 +102,8 @@ def _check(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace, training) -> int:
     from trainers.checks import load_checked
 
+    if args.gpus is not None:
+        return _launch_on_gpus(args)
     if args.command == "train":
         run_dir = training.train(load_checked(args.config, args.set))
     else:
@@ -139,6 +147,36 @@ def _control(run_dir: Path, action: str) -> int:
         return 1
     print(f"{action} requested ({request}); the trainer acts on it after its current step")
     return 0
+
+
+def _launch_on_gpus(args: argparse.Namespace) -> int:
+    """Check everything a run on --gpus N needs, then start N processes through accelerate."""
+    from trainers import distributed
+    from trainers.checkpoint import list_checkpoints, saved_trainer_state
+    from trainers.checks import config_problems, distributed_problems, load_checked
+    from trainers.train import CONFIG_FILE
+
+    if args.command == "train":
+        config = load_checked(args.config, args.set)  # a bad config stops here, before any process starts
+        trainer_args = ["train", str(args.config), *(part for o in args.set for part in ("--set", o))]
+        micro_batches = config.training.gradient_accumulation * args.gpus
+    else:
+        run_folder.require_run(args.run_dir)
+        config_file = args.config or args.run_dir / CONFIG_FILE
+        config = load_checked(config_file, args.set if args.config else [])
+        trainer_args = ["resume", str(args.run_dir)]
+        if args.config is not None:
+            trainer_args += ["--config", str(args.config), *(part for o in args.set for part in ("--set", o))]
+        checkpoints = list_checkpoints(args.run_dir)
+        saved = saved_trainer_state(checkpoints[-1][1]).micro_batches_per_step if checkpoints else 0
+        micro_batches = saved or config.training.gradient_accumulation * args.gpus
+    problems = distributed.gpu_problems(args.gpus)
+    problems += distributed_problems(config, args.gpus, micro_batches)
+    problems += config_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    command = distributed.launch_command(trainer_args, args.gpus, distributed.free_port())
+    return distributed.run_launched(command)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The order of epoch e depends only on (seed, e), so a resumed run can rebuild it 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
 
@@ -32,3 +33,11 @@ def steps_per_epoch(
     """Optimizer steps in one epoch (a final partial accumulation still makes a step)."""
     batches = len(epoch_batches(buckets, repeats, batch_size, seed=0, epoch=0))
     return max(1, -(-batches // accumulation))
+
+
+def micro_batch_seed(seed: int, step: int, position: int) -> int:
+    """Seed of the randomness (noise, timesteps, caption choices) of micro-batch `position` of optimizer step
+    `step`: it depends on nothing else, so a step is the same whichever process trains each micro-batch and
+    however many processes there are (2 processes with one micro-batch each = 1 process accumulating 2)."""
+    digest = hashlib.sha256(f"{seed}:{step}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63, what torch.Generator.manual_seed takes

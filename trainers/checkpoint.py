@@ -35,10 +35,16 @@ _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 class TrainerState:
     step: int  # optimizer steps done
     epoch: int  # epoch the next batch comes from
-    batch_in_epoch: int  # index of the next batch within that epoch
+    batch_in_epoch: int  # index of the next batch within that epoch's order (the same on every rank)
     python_rng: list = field(default_factory=list)  # random.Random state of caption/crop choices
     d_history: list[list[float]] = field(default_factory=list)  # recent d per group, for prodigy_steps="auto"
     d_frozen_logged: bool = False
+    # Batches are micro-batches of training.batch_size samples in one order shared by all processes, so
+    # (epoch, batch_in_epoch) is a position in samples whatever the number of processes. A step takes this
+    # many of them over all processes (batch_size * this = the global batch); 0: a single-process checkpoint
+    # from before multi-process training (gradient_accumulation of them).
+    micro_batches_per_step: int = 0
+    samples_seen: int = 0  # samples trained on, all processes together
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -253,6 +259,12 @@ def load_checkpoint(
         states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
         if states:
             torch.cuda.set_rng_state_all(states)
+    return TrainerState(**document["trainer"])
+
+
+def saved_trainer_state(folder: Path) -> TrainerState:
+    """The trainer state of a checkpoint, read without loading anything else."""
+    document = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     return TrainerState(**document["trainer"])
 
 

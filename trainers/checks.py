@@ -457,3 +457,26 @@ def _build_layers(family: str, component: str, config_json: str) -> dict[str, tu
         fan_in = weight[0].numel() if weight.dim() > 1 else weight.shape[0]
         layers[name] = (int(fan_in), int(weight.shape[0]))
     return layers
+
+
+# ---------------------------------------------------------------- several processes
+def distributed_problems(config: TrainConfig, processes: int, micro_batches_per_step: int) -> list[str]:
+    """What stops this config on `processes` processes taking `micro_batches_per_step` micro-batches per
+    step over all of them (a resumed run keeps its checkpoint's, so its global batch stays the same)."""
+    if processes <= 1 and micro_batches_per_step <= config.training.gradient_accumulation:
+        return []
+    if micro_batches_per_step % processes:
+        return [
+            f"training.gradient_accumulation: this run takes {micro_batches_per_step} micro-batches per step, "
+            f"which {processes} processes cannot share evenly; resume it on a number of processes that "
+            f"divides {micro_batches_per_step}"
+        ]
+    per_process = micro_batches_per_step // processes
+    if config.optimizer.fused_back_pass and per_process > 1:
+        return [
+            f"optimizer.fused_back_pass: this run takes {micro_batches_per_step} micro-batches per step, so on "
+            f"{processes} process(es) each would accumulate {per_process} of them, which the fused backward "
+            f"pass cannot do; resume it on {micro_batches_per_step} processes, or set "
+            "optimizer.fused_back_pass = false in the run's config.toml"
+        ]
+    return []

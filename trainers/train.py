@@ -14,7 +14,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ppsf_optim import ProdigyPlusScheduleFree
 from trainers import run_folder, stop
 from trainers.atomic import atomic_write, atomic_write_text
-from trainers.batches import epoch_batches, steps_per_epoch
+from trainers.batches import epoch_batches, micro_batch_seed, steps_per_epoch
 from trainers.cache import (
     TensorCache,
     cache_root,
@@ -43,8 +43,9 @@ from trainers.checkpoint import (
     recover_run_folder,
     restore_python_rng,
     save_checkpoint,
+    saved_trainer_state,
 )
-from trainers.checks import check_config, config_problems, config_warnings
+from trainers.checks import check_config, config_problems, config_warnings, distributed_problems
 from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
 from trainers.control import ControlChannel, ControlError, ControlRequest
 from trainers.dataset import (
@@ -56,7 +57,8 @@ from trainers.dataset import (
     process_caption,
     scan_dataset,
 )
-from trainers.events import EventLog, read_events
+from trainers.distributed import DataParallel, from_environment
+from trainers.events import read_events
 from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
 from trainers.freeze import auto_freeze_due, auto_freeze_window, manual_freeze_refusal, prodigy_steps_for
 from trainers.health import HealthMonitor
@@ -96,6 +98,7 @@ class _Session:
     texts: TensorCache | None
     health: HealthMonitor
     validator: Validator | None
+    loss_fn: Callable[..., torch.Tensor]  # the adapter's training loss, through DDP when distributed
     batches: list[list[int]] | None = None  # the current epoch's order
 
 
@@ -105,7 +108,7 @@ def _due(every: int, step: int, total_steps: int) -> bool:
 
 
 def train(config: TrainConfig) -> Path:
-    """Start a new run; returns its folder.
+    """Start a new run; returns its folder. Under `accelerate launch` all processes form this one run.
 
     A folder with checkpoints is refused (resume it, or choose another name); one where an earlier attempt
     never reached a checkpoint starts over, with that attempt's files moved aside (trainers/run_folder.py).
@@ -114,19 +117,27 @@ def train(config: TrainConfig) -> Path:
     problems = config_problems(config)
     if problems:  # before the run folder is touched: a wrong path leaves nothing behind
         raise ConfigError(problems)
-    if run_folder.has_checkpoint_folders(run_dir):
-        raise ConfigError([_occupied_message(run_dir)])
-    recover_run_folder(run_dir)
-    moved = run_folder.set_aside_attempt(run_dir)
-    if moved is not None:
-        print(
-            f"{run_dir} held an attempt that never reached a checkpoint ({moved.reason}); starting over, "
-            f"its files are in {moved.folder}",
-            file=sys.stderr,
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
-    return Trainer(config).run(resume_from=None)
+
+    def make_run_folder() -> None:
+        if run_folder.has_checkpoint_folders(run_dir):
+            raise ConfigError([_occupied_message(run_dir)])
+        recover_run_folder(run_dir)
+        moved = run_folder.set_aside_attempt(run_dir)
+        if moved is not None:
+            print(
+                f"{run_dir} held an attempt that never reached a checkpoint ({moved.reason}); starting over, "
+                f"its files are in {moved.folder}",
+                file=sys.stderr,
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+
+    parallel = from_environment()
+    try:
+        parallel.main_only(make_run_folder, failure=TrainingError)
+        return Trainer(config, parallel=parallel).run(resume_from=None)
+    finally:
+        parallel.close()
 
 
 def _occupied_message(run_dir: Path) -> str:
@@ -144,7 +155,8 @@ def _occupied_message(run_dir: Path) -> str:
 
 
 def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[str] = ()) -> Path:
-    """Continue a run from its newest intact checkpoint (or start it over if it has none).
+    """Continue a run from its newest intact checkpoint (or start it over if it has none), on any number
+    of processes.
 
     A finished run is not touched (its `done` event stays the last word). `config_path` replaces the saved
     config of a run that never reached a checkpoint (the usual fix after it failed to start); a run with
@@ -156,7 +168,6 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
         run_folder.require_run(run_dir)
     if config_path is None and run_folder.finished_event(run_dir) is not None:
         return run_dir
-    recover_run_folder(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if config_path is not None:
         if checkpoints:
@@ -171,7 +182,6 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
         problems = config_problems(config)
         if problems:
             raise ConfigError(problems)
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
     else:
         config = load_config(run_dir / CONFIG_FILE)
         problems = [] if checkpoints else config_problems(config)
@@ -184,12 +194,29 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
                     "(the same name starts over)",
                 ]
             )
-    resume_from = checkpoints[-1][1] if checkpoints else None
-    warnings = [
-        f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
-        for problem in broken_checkpoints(run_dir)
-    ]
-    return Trainer(config, run_dir=run_dir).run(resume_from, warnings)
+
+    def prepare_run_folder() -> None:
+        recover_run_folder(run_dir)
+        if config_path is not None:
+            atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+
+    parallel = from_environment()
+    try:
+        parallel.main_only(prepare_run_folder, failure=TrainingError)
+        checkpoints = list_checkpoints(run_dir)
+        resume_from = checkpoints[-1][1] if checkpoints else None
+        if not parallel.same_on_all_ranks([checkpoints[-1][0] if checkpoints else -1]):
+            raise TrainingError(
+                f"the processes find different checkpoints in {run_dir}: on several machines the run "
+                "folder (output_dir) must be on a filesystem they all share"
+            )
+        warnings = [
+            f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
+            for problem in broken_checkpoints(run_dir)
+        ]
+        return Trainer(config, run_dir=run_dir, parallel=parallel).run(resume_from, warnings)
+    finally:
+        parallel.close()
 
 
 def _config_for_folder(config: TrainConfig, run_dir: Path) -> TrainConfig:
@@ -204,10 +231,13 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, run_dir: Path | None = None, parallel: DataParallel | None = None
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.parallel = parallel or DataParallel()  # this process's rank among the run's processes
+        self.device = self.parallel.device
 
     @property
     def stop_requested(self) -> bool:
@@ -218,14 +248,15 @@ class Trainer:
         """Train to the end (or to a stop request); `warnings` are reported as events first."""
         self.controls = ControlChannel(self.run_dir)
         try:
-            self.controls.acquire()  # from here on the run counts as running for `trainers control`
+            if self.parallel.is_main:  # process 0 holds the lock and reads requests for all processes
+                self.controls.acquire()  # from here on the run counts as running for `trainers control`
         except ControlError as error:
             raise TrainingError(str(error)) from None
         # a stop asked for while models load is honoured before the first step
         previous_handlers = stop.install()
         events = None
         try:
-            events = self.events = EventLog(self.run_dir)
+            events = self.events = self.parallel.event_log(self.run_dir)  # rank 0 writes the events
             for warning in warnings:
                 print(f"warning: {warning}", file=sys.stderr)
                 events.write("warning", code="checkpoint_broken", message=warning)
@@ -236,13 +267,16 @@ class Trainer:
         except Exception as error:
             if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder, ...
                 raise TrainingError(self._write_failure_message(error)) from None
-            self._report("error", message=f"{type(error).__name__}: {error}", **self._last_checkpoint_info())
+            self._report(
+                "error", message=self.parallel.failure_message(error), **self._last_checkpoint_info()
+            )
             raise
         finally:
             stop.restore(previous_handlers)
             if events is not None:
                 with contextlib.suppress(OSError):  # what could not be written is reported already
-                    self._refuse_controls("the run ended before acting on it")
+                    if self.parallel.is_main:
+                        self._refuse_controls("the run ended before acting on it")
                     events.close()
             self.controls.release()
         return self.run_dir
@@ -272,7 +306,10 @@ class Trainer:
 
     def _run(self, resume_from: Path | None) -> None:
         config = self.config
-        problems = config_problems(config)
+        self.micro_batches_per_step = self._micro_batches_per_step(resume_from)
+        problems = config_problems(config) + distributed_problems(
+            config, self.parallel.world_size, self.micro_batches_per_step
+        )
         if problems:
             raise ConfigError(problems)
         adapter_class = adapter_for(config.model.family)
@@ -290,6 +327,8 @@ class Trainer:
             total_steps=total_steps,
             resumed_from=str(resume_from) if resume_from else None,
             device=str(self.device),
+            world_size=self.parallel.world_size,
+            global_batch_size=config.training.batch_size * self.micro_batches_per_step,
         )
         if self._stopped_before_the_first_step():
             return
@@ -297,9 +336,15 @@ class Trainer:
         local_model = config.model.model_copy(update={"path": resolve_model_path(config.model.path)})
         adapter = adapter_class(config.model_copy(update={"model": local_model}), self.device)
         adapter.load()
-        latents, texts = self._fill_caches(adapter, data)
-        if validator is not None:
-            validator.prepare(adapter, latents, texts)  # encoded once, while the encoders are loaded
+
+        def fill_caches() -> tuple[TensorCache | None, TensorCache | None]:
+            latents, texts = self._fill_caches(adapter, data)
+            if validator is not None:
+                validator.prepare(adapter, latents, texts)  # encoded once, while the encoders are loaded
+            return latents, texts
+
+        # rank 0 fills the caches while the others wait, then they read them
+        latents, texts = self.parallel.main_first(fill_caches, TrainingError)
         adapter.prepare_samples(config.sampling.prompts)  # while the text encoders are on the device
         adapter.offload_encoders()
         torch.manual_seed(config.training.seed)  # LoRA init must not depend on what the caches held
@@ -309,8 +354,6 @@ class Trainer:
         optimizer = self._make_optimizer(params_by_component, total_steps)
         self._write_export_metadata(adapter, data)
         params = named_parameters(adapter.lora_modules())
-        if config.optimizer.fused_back_pass:
-            optimizer.attach_fused_backward()
         generator = torch.Generator(self.device).manual_seed(config.training.seed)
 
         state = TrainerState(step=0, epoch=0, batch_in_epoch=0)
@@ -318,6 +361,9 @@ class Trainer:
         if resume_from is not None:
             state = load_checkpoint(resume_from, params, optimizer, generator)
             restore_python_rng(rng, state.python_rng)
+        state.micro_batches_per_step = self.micro_batches_per_step
+        # after loading: DDP starts every rank from rank 0's LoRA
+        loss_fn = self.parallel.training_loss(adapter, optimizer, config.optimizer.fused_back_pass)
         self.events.truncate_after(state.step)  # a resumed run repeats what came after its checkpoint
         health = HealthMonitor(config, self.events, total_steps, self.group_names, len(data.items))
         kept = read_events(self.run_dir)
@@ -341,6 +387,7 @@ class Trainer:
                 texts,
                 health,
                 validator,
+                loss_fn,
             )
         )
 
@@ -354,13 +401,19 @@ class Trainer:
         if self._stopped_before_the_first_step(step=state.step):
             return
         progress = tqdm(
-            total=run.total_steps, initial=state.step, desc=config.name, unit="step", dynamic_ncols=True
+            total=run.total_steps,
+            initial=state.step,
+            desc=config.name,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.parallel.is_main,
         )
         try:
             while state.step < run.total_steps:
                 started = time.perf_counter()
                 loss, samples = self._train_step(run)
                 state.step += 1
+                state.samples_seen += samples
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss} at step {state.step}. Try a lower optimizer.d_coef, "
@@ -377,7 +430,7 @@ class Trainer:
                 self._act_on_controls(run)
                 if _due(config.sampling.every_n_steps, state.step, run.total_steps):
                     self._sample(run.adapter, run.optimizer, state.step)
-                if self.stop_requested:
+                if self.parallel.any_rank(self.stop_requested):  # all ranks stop at the same step
                     self._checkpoint(run)
                     self.events.write(
                         "stopped", step=state.step, message="stopped on request; checkpoint saved"
@@ -390,7 +443,7 @@ class Trainer:
         final = self._checkpoint(run)
         if config.sampling.prompts:
             self._sample(run.adapter, run.optimizer, state.step)
-        exported = export_checkpoint(self.run_dir, final)
+        exported = export_checkpoint(self.run_dir, final) if final is not None else []
         self.events.write(
             "done",
             step=state.step,
@@ -400,19 +453,28 @@ class Trainer:
         )
 
     def _train_step(self, run: _Session) -> tuple[float, int]:
-        """Forward and backward over the step's micro-batches, then the optimizer; (mean loss, samples)."""
-        accumulation = self.config.training.gradient_accumulation
+        """Forward and backward over this rank's share of the step's micro-batches, then the optimizer;
+        (mean loss, samples), both over all ranks."""
+        parallel, seed = self.parallel, self.config.training.seed
+        # every rank walks all the step's micro-batches, so the data position is the same on all of them
+        batches = [self._next_batch(run) for _ in range(self.micro_batches_per_step)]
+        positions = parallel.my_positions(self.micro_batches_per_step)
         losses, samples = [], 0
-        for _ in range(accumulation):
-            indices = self._next_batch(run)
-            loss = self._micro_batch_loss(run, indices)
-            (loss / accumulation).backward()
+        for n, position in enumerate(positions):
+            indices = batches[position]
+            micro_seed = micro_batch_seed(seed, run.state.step, position)
+            run.generator.manual_seed(micro_seed)
+            run.rng.seed(micro_seed)
+            with parallel.accumulating(last=n == len(positions) - 1):
+                loss = self._micro_batch_loss(run, indices)
+                (loss / len(positions)).backward()  # DDP averages over the ranks
             losses.append(loss.detach())
             samples += len(indices)
         run.optimizer.step()  # with the fused pass this only ends a step the backward pass left open
         if not self.config.optimizer.fused_back_pass:
             run.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).mean().item(), samples
+        loss_sum = torch.stack(losses).sum().item()
+        return parallel.step_totals(loss_sum, len(losses), samples)
 
     def _next_batch(self, run: _Session) -> list[int]:
         """Item indices of the next batch, moving to the next epoch's order when one is used up."""
@@ -460,9 +522,15 @@ class Trainer:
         if training.max_steps:
             return training.max_steps
         per_epoch = steps_per_epoch(
-            data.buckets, [i.repeats for i in data.items], training.batch_size, training.gradient_accumulation
+            data.buckets, [i.repeats for i in data.items], training.batch_size, self.micro_batches_per_step
         )
         return per_epoch * training.epochs
+
+    def _micro_batches_per_step(self, resume_from: Path | None) -> int:
+        """Micro-batches per optimizer step over all processes: a resumed run keeps its checkpoint's, so it
+        goes on with the same global batch on any number of processes."""
+        saved = saved_trainer_state(resume_from).micro_batches_per_step if resume_from else 0
+        return saved or self.config.training.gradient_accumulation * self.parallel.world_size
 
     def _captions_are_fixed(self) -> bool:
         return not self.config.dataset.shuffle_tags and not self.config.lora.train_text_encoder
@@ -547,7 +615,7 @@ class Trainer:
             SampleConditioning(tuple(c[0:2].tolist()), tuple(c[2:4].tolist()), tuple(c[4:6].tolist()))
             for c in (e["conditioning"] for e in entries)
         ]
-        return adapter.training_loss(latents, text, conditioning, run.generator).mean()
+        return run.loss_fn(latents, text, conditioning, run.generator).mean()
 
     # ------------------------------------------------------------------ optimizer
     def _make_optimizer(self, params_by_component, total_steps: int) -> ProdigyPlusScheduleFree:
@@ -590,9 +658,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ live controls
     def _act_on_controls(self, run: _Session) -> None:
-        """Carry out the requests `python -m trainers control` (or the UI) left since the last step."""
-        for request in self.controls.pending():
-            if self.controls.is_stale(request):
+        """Carry out the requests `python -m trainers control` (or the UI) left since the last step.
+
+        Process 0 reads them and tells the others, so that every process acts at the same step (a freeze,
+        a checkpoint or a stop on one process alone would split the run)."""
+        requests = self.controls.pending() if self.parallel.is_main else []
+        plan = [{"id": r.id, "action": r.action, "stale": self.controls.is_stale(r)} for r in requests]
+        if self.parallel.enabled:
+            plan = json.loads(self.parallel.main_text(json.dumps(plan)) or "[]")
+        files = {request.id: request for request in requests}
+        for entry in plan:
+            request = ControlRequest(id=entry["id"], action=entry["action"], requested_at=0.0, path=Path())
+            if entry["stale"]:
                 status, message = "refused", "sent before this trainer started; send it again"
             else:
                 status, message = self._control(request, run)
@@ -604,7 +681,8 @@ class Trainer:
                 message=message,
                 request=request.id,
             )
-            self.controls.done(request)
+            if request.id in files:
+                self.controls.done(files[request.id])
 
     def _control(self, request: ControlRequest, run: _Session) -> tuple[str, str]:
         """(status, message) of one request, after acting on it."""
@@ -647,10 +725,11 @@ class Trainer:
             loss=loss,
             groups=[{"name": n, "d": r["d"], "lr": r["applied_lr"]} for n, r in zip(names, report)],
             step_seconds=round(seconds, 4),
+            samples=samples,  # of all processes: the global batch
             samples_per_second=round(samples / seconds, 3) if seconds > 0 else None,
             peak_memory_mb=round(_peak_memory_mb(self.device), 1),
         )
-        if self.config.training.tensorboard:
+        if self.config.training.tensorboard and self.parallel.is_main:
             self._tensorboard(state.step, loss, report, names)
 
     def _tensorboard(self, step: int, loss: float, report, names) -> None:
@@ -669,13 +748,16 @@ class Trainer:
         if not sampling.prompts:
             return
         modules = adapter.lora_modules()
+        # every rank moves to x and back, so the ranks' weights stay the same; rank 0 makes the images
         optimizer.eval()  # sample from the averaged weights x, as they will be exported
         for module in modules.values():
             module.eval()
         try:
-            images = adapter.sample(sampling.prompts, sampling.seed)
+            images = adapter.sample(sampling.prompts, sampling.seed) if self.parallel.is_main else []
         finally:
             optimizer.train()
+        if not self.parallel.is_main:
+            return
         folder = self.run_dir / "samples"
         paths = []
         for index, image in enumerate(images):
@@ -684,8 +766,16 @@ class Trainer:
             paths.append(str(path))
         self.events.write("sample", step=step, paths=paths, prompts=sampling.prompts)
 
-    def _checkpoint(self, run: _Session) -> Path:
+    def _checkpoint(self, run: _Session) -> Path | None:
+        """Save a checkpoint (rank 0; the others only check that their d is rank 0's); its folder."""
         state = run.state
+        if not self.parallel.d_agrees(run.optimizer):
+            raise TrainingError(
+                f"Prodigy's d differs between processes at step {state.step}: their weights have drifted "
+                "apart. Resume from the last checkpoint with `python -m trainers resume RUN_DIR`."
+            )
+        if not self.parallel.is_main:
+            return None
         state.python_rng = list(run.rng.getstate())
         folder = save_checkpoint(
             self.run_dir, state, run.params, run.optimizer, run.generator, self.config.saving.keep_last
@@ -703,6 +793,8 @@ class Trainer:
         """What exported LoRA files say about this run; steps and final d are added from the checkpoint."""
         from trainers import __version__
 
+        if not self.parallel.is_main:
+            return
         config = self.config
         metadata = {
             "ss_base_model": config.model.path,
