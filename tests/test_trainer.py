@@ -574,3 +574,36 @@ def test_samples_see_the_eval_mode_lora_of_their_step(tmp_path, tiny_model, data
             torch.testing.assert_close(weights[name], x, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
             gap = max(gap, float((x - y[name]).abs().max()))
         assert gap > 1e-5, f"step {step}: x and y should differ clearly (largest gap {gap})"
+
+
+def test_lora_dropout_trains_on_after_a_sample(tmp_path, tiny_model, dataset) -> None:
+    """A sample switches the LoRA modules to eval mode for the images; training must get them back."""
+    from trainers.config import TrainConfig
+    from trainers.train import Trainer
+
+    config = TrainConfig.model_validate(
+        make_config(tmp_path, tiny_model, dataset, sampling={"prompts": ["shapes"], "every_n_steps": 1})
+    )
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    trainer.events = type("NoEvents", (), {"write": lambda self, *a, **k: None})()
+    modules = {"unet": torch.nn.Dropout(0.5), "text_encoder": torch.nn.Dropout(0.5).eval()}
+    seen = {}
+
+    class Adapter:
+        def lora_modules(self):
+            return modules
+
+        def sample(self, prompts, seed):
+            seen.update({name: module.training for name, module in modules.items()})
+            return []
+
+    class Optimizer:
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+    trainer._sample(Adapter(), Optimizer(), step=1)
+    assert seen == {"unet": False, "text_encoder": False}  # images from the eval-mode modules
+    assert modules["unet"].training and not modules["text_encoder"].training  # each back as it was

@@ -750,12 +750,15 @@ class Trainer:
         modules = adapter.lora_modules()
         # every rank moves to x and back, so the ranks' weights stay the same; rank 0 makes the images
         optimizer.eval()  # sample from the averaged weights x, as they will be exported
+        training = {name: module.training for name, module in modules.items()}
         for module in modules.values():
             module.eval()
         try:
             images = adapter.sample(sampling.prompts, sampling.seed) if self.parallel.is_main else []
         finally:
             optimizer.train()
+            for name, module in modules.items():  # LoRA dropout trains on after a sample
+                module.train(training[name])
         if not self.parallel.is_main:
             return
         folder = self.run_dir / "samples"
