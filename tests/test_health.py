@@ -47,9 +47,11 @@ def config(**sections):
     return validate_config(data)
 
 
-def monitor(images: int = 20, names=("unet",), **sections) -> tuple[HealthMonitor, Events]:
+def monitor(
+    images: int = 20, names=("unet",), total_steps: int = 100, **sections
+) -> tuple[HealthMonitor, Events]:
     events = Events()
-    return HealthMonitor(config(**sections), events, 100, list(names), images), events
+    return HealthMonitor(config(**sections), events, total_steps, list(names), images), events
 
 
 def healthy_d(step: int) -> float:
@@ -82,13 +84,25 @@ def test_d_stuck_names_what_the_numbers_point_to(images, state_bytes, d_denom, c
     health, events = monitor(images=images)
     optimizer = FakeOptimizer([1e-6], state_bytes=state_bytes)
     optimizer.param_groups[0]["d_denom"] = d_denom
-    for step in range(1, 10):
+    for step in range(1, 20):
         health.after_step(step, 1.0, optimizer)
-    assert events.codes() == []  # before 10% of the run: d may still be on its way
-    for step in range(10, 30):
+    assert events.codes() == []  # before 10% of the run and 20 steps: d may still be on its way
+    for step in range(20, 30):
         health.after_step(step, 1.0, optimizer)
-    assert events.codes() == ["d_stuck"] and events.written[0]["step"] == 10
+    assert events.codes() == ["d_stuck"] and events.written[0]["step"] == 20
     assert cause in events.written[0]["message"]
+
+
+def test_d_stuck_waits_for_a_short_run_to_get_going() -> None:
+    """10% of a 32-step demo is step 4, before Prodigy's first rise: no warning until step 20."""
+    health, events = monitor(images=20, total_steps=32)
+    optimizer = FakeOptimizer([1e-6], state_bytes=100)
+    optimizer.param_groups[0]["d_denom"] = 1.0
+    for step in range(1, 20):
+        health.after_step(step, 1.0, optimizer)
+    assert events.codes() == []
+    health.after_step(20, 1.0, optimizer)
+    assert events.codes() == ["d_stuck"]
 
 
 def test_d_growing_late_suggests_freezing() -> None:

@@ -17,6 +17,7 @@ from trainers.config import TrainConfig
 
 # ---------------------------------------------------------------- thresholds (one place, one reason each)
 STUCK_AFTER = 0.10  # Prodigy's d leaves d0 within the first few percent of a healthy run
+STUCK_MIN_STEPS = 20  # but its first rise can take a dozen steps: 10% of a 32-step demo is too early
 STUCK_GROWTH = 1.1  # d below 1.1 × d0 has not really moved (growth is multiplicative, ×2^0.25 per step max)
 FEW_IMAGES = 5  # fewer images give a gradient too noisy for Prodigy's correlation estimate to grow on
 LATE_WINDOW = 0.20  # "the end of the run": the last 20% of the steps
@@ -89,7 +90,7 @@ class HealthMonitor:
             self.first_nonfinite_step = step
         if skips:
             self._nonfinite(step, skips)
-        if done >= STUCK_AFTER:
+        if done >= STUCK_AFTER and step >= STUCK_MIN_STEPS:
             self._stuck(step, groups, report)
         if done >= TEXT_ENCODER_CHECK_AFTER and len(report) > 1:
             self._text_encoder_ratio(step, report)
