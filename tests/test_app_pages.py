@@ -407,3 +407,20 @@ def test_launch_prints_its_own_flags_not_gradios_share_hint(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "share=True" not in out
     assert f"http://127.0.0.1:{port}" in out and "--share --auth" in out
+
+
+def test_a_refused_start_leaves_the_name_as_typed(tmp_path, monkeypatch):
+    """Renaming on a refusal would count as a form edit, and an edit clears the refusal from the page."""
+    import gradio as gr
+
+    from app.pages import run
+
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    ctx = _ctx(tmp_path)
+    _run(ctx.runs_dir, "demo", STOPPED)
+    keys = [s.key for s in ctx.specs]
+    values = setup.preset_values(ctx, "demo")
+    values[keys.index("dataset.path")] = str(tmp_path / "no-such-folder")
+    text, run_dir, name, *_ = run._start(ctx, tuple(values))
+    assert text.startswith(run.NOT_STARTED) and "dataset.path" in text
+    assert isinstance(run_dir, type(gr.skip())) and isinstance(name, type(gr.skip()))
