@@ -9,7 +9,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
@@ -134,11 +134,13 @@ class Progress:
         """Share of the run done, 0..1 (0 while the total is unknown)."""
         return min(1.0, self.step / self.total) if self.total else 0.0
 
-    def text(self) -> str:
-        """E.g. "step 120/300 (40%) · 0.21 s/step · ETA 38s"."""
+    def text(self, live: bool = True) -> str:
+        """E.g. "step 120/300 (40%) · 0.21 s/step · ETA 38s"; without speed and ETA unless `live`."""
         if not self.total:
             return "waiting for the trainer to start"
         parts = [f"step {self.step}/{self.total} ({self.fraction:.0%})"]
+        if not live:
+            return parts[0]
         if self.seconds_per_step:
             parts.append(f"{self.seconds_per_step:.2f} s/step")
         if self.eta_seconds is not None and self.step < self.total:
@@ -198,13 +200,11 @@ def format_duration(seconds: float) -> str:
 
 def progress_html(value: Progress, live: bool = True) -> str:
     """A progress bar with its text, as HTML for gr.HTML; a run that is not `live` shows no speed or ETA."""
-    if not live:
-        value = replace(value, eta_seconds=None, seconds_per_step=None)
     percent = f"{value.fraction * 100:.1f}"
     return (
         '<div class="ppsf-progress">'
         f'<progress max="100" value="{percent}" style="width:100%;height:1.2em"></progress>'
-        f'<div class="ppsf-progress-text">{value.text()}</div></div>'
+        f'<div class="ppsf-progress-text">{value.text(live)}</div></div>'
     )
 
 

@@ -99,6 +99,8 @@ def browser_page(server):
             ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        expect.set_options(timeout=30_000)  # a busy 2-core machine queues a click's handler for seconds
+        page.set_default_timeout(60_000)
         external: list[str] = []
         local = ("http://127.0.0.1", "data:", "blob:")
         page.on("request", lambda r: None if r.url.startswith(local) else external.append(r.url))

@@ -164,11 +164,11 @@ def test_with_lr_differing_per_group_both_plots_show():
     )
 
 
-def test_x_axis_spans_whole_steps_early_and_follows_the_run_later():
+def test_x_axis_spans_whole_steps_early_and_is_left_free_later():
     _, plots = _updates(_steps({"unet": 1.0}, count=3))
     assert all(plot.constructor_args["x_lim"] == [0, common.MIN_X_SPAN] for plot in plots)
     _, plots = _updates(_steps({"unet": 1.0}, count=25))
-    assert all(plot.constructor_args["x_lim"] == [0, 25] for plot in plots)
+    assert all(plot.constructor_args["x_lim"] is None for plot in plots)  # the data spans enough steps
 
 
 def test_the_freeze_rule_is_drawn_on_the_log_axis():
@@ -197,6 +197,7 @@ def test_an_ended_run_shows_no_speed_or_eta():
     assert "ETA" in view.progress_html(progress) and "s/step" in view.progress_html(progress)
     ended = view.progress_html(progress, live=False)
     assert "ETA" not in ended and "s/step" not in ended and "step 4/10" in ended
+    assert progress.text(live=False) == "step 4/10 (40%)"  # as the Runs page says it
 
 
 def test_the_log_tail_names_the_ui_buttons_not_ctrl_c():
@@ -406,3 +407,20 @@ def test_launch_prints_its_own_flags_not_gradios_share_hint(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "share=True" not in out
     assert f"http://127.0.0.1:{port}" in out and "--share --auth" in out
+
+
+def test_a_refused_start_leaves_the_name_as_typed(tmp_path, monkeypatch):
+    """Renaming on a refusal would count as a form edit, and an edit clears the refusal from the page."""
+    import gradio as gr
+
+    from app.pages import run
+
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    ctx = _ctx(tmp_path)
+    _run(ctx.runs_dir, "demo", STOPPED)
+    keys = [s.key for s in ctx.specs]
+    values = setup.preset_values(ctx, "demo")
+    values[keys.index("dataset.path")] = str(tmp_path / "no-such-folder")
+    text, run_dir, name, *_ = run._start(ctx, tuple(values))
+    assert text.startswith(run.NOT_STARTED) and "dataset.path" in text
+    assert isinstance(run_dir, type(gr.skip())) and isinstance(name, type(gr.skip()))

@@ -80,7 +80,9 @@ def plot_updates(frames: list[pd.DataFrame | None]) -> list[gr.LinePlot]:
     (with lr = 1 in every group the two plots would be the same, so d's plot says so and stands alone)."""
     loss, d, lr = frames
     last = max((int(frame["step"].max()) for frame in frames if frame is not None), default=0)
-    x_lim = [0, max(MIN_X_SPAN, last)]
+    # Early on the axis is held at 0..MIN_X_SPAN (its own ticks would be 0.5 apart); later it is left free.
+    # A limit that changes at every refresh would make the browser redraw each plot from scratch.
+    x_lim = [0, MIN_X_SPAN] if last < MIN_X_SPAN else None
     one = lr_is_d(d, lr)
     return [
         gr.LinePlot(value=loss, x_lim=x_lim),

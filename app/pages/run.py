@@ -211,7 +211,8 @@ def _start(ctx: UiContext, values: tuple) -> list[Any]:
         problems, _ = preflight(config, ctx.runs_dir)
     if problems:
         text = f"{NOT_STARTED}.** Fix these on the Setup tab first:\n" + "\n".join(f"- {p}" for p in problems)
-        return [text, gr.skip(), name, *marks(ctx, problems)]
+        # the name stays as typed: changing it would count as an edit and clear this refusal
+        return [text, gr.skip(), gr.skip(), *marks(ctx, problems)]
     try:
         run_dir = runner.start_run(config, ctx.allow_parallel_runs)
     except runner.RunnerError as error:

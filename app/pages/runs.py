@@ -53,7 +53,7 @@ def _open_run(ctx: UiContext, name: str | None) -> list[Any]:
     config_path = run_dir / "config.toml"
     text = [
         snap.title,
-        view.progress(snap.events).text(),
+        view.progress(snap.events).text(live=snap.alive),
         f"final d: {view.format_d(summary['final_d']) or 'n/a'} · samples: {summary['samples']}",
     ]
     text += [f"exported: `{p}`" for p in summary["exported"]]
