@@ -186,6 +186,29 @@ def test_phases_follow_the_trainers_order() -> None:
     assert on_cpu.total == on_cpu.measured_peak  # no CUDA allowances
 
 
+def test_samples_bring_only_the_vae_unless_the_text_encoders_train() -> None:
+    """Sample prompts are encoded while the caches fill (prepare_samples): frozen text encoders stay off
+    the device while sampling; trained ones are on it anyway and re-encode the prompts."""
+    sampled = estimate(tiny_config(sampling={"prompts": ["a"]}))
+    sampling = {p.name: p for p in sampled.phases[2].parts}
+    assert "base weights: unet" in sampling and "base weights: vae" in sampling
+    assert not [name for name in sampling if name.startswith("base weights: text_encoder")]
+    measured = estimate_measurements(tiny_config(sampling={"prompts": ["a"]}))
+    assert sampling["workspace: sampling"].bytes == max(measured["sample_step"], measured["decode"])
+    caching = {p.name: p.bytes for p in sampled.phases[0].parts}  # the prompts are encoded there
+    assert caching["workspace: encoding"] >= measured["encode_captions"]
+
+    trained = estimate(tiny_config(sampling={"prompts": ["a"]}, lora={"train_text_encoder": True}))
+    sampling = {p.name for p in trained.phases[2].parts}
+    assert {"base weights: text_encoder", "base weights: text_encoder_2"} <= sampling
+
+
+def estimate_measurements(config: TrainConfig) -> dict:
+    from trainers.memory.estimate import _measure, architecture_of
+
+    return _measure(config, "cuda", architecture_of(config))
+
+
 def test_gradient_checkpointing_and_batch_lower_the_estimate() -> None:
     base = estimate(tiny_config(training={"batch_size": 4})).phases[1].total
     checkpointed = estimate(tiny_config(training={"batch_size": 4, "gradient_checkpointing": True}))

@@ -8,6 +8,7 @@ The cache lives in dataset.cache_dir, or else in a hidden folder inside the data
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -27,18 +28,30 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:20]
 
 
-class TensorCache:
-    """Named groups of tensors on disk; `hits` and `misses` count lookups."""
+MEMORY_BYTES = 512 << 20  # entries also kept in RAM, least recently used dropped first
 
-    def __init__(self, folder: Path) -> None:
+
+class TensorCache:
+    """Named groups of tensors on disk, the most recently used also in memory (a training step reads its
+    batch's entries every epoch: from RAM, not from a file); `hits` and `misses` count lookups. The
+    tensors returned are shared with the memory copy: read them, do not modify them in place."""
+
+    def __init__(self, folder: Path, memory_bytes: int = MEMORY_BYTES) -> None:
         self.folder = Path(folder)
         self.hits = 0
         self.misses = 0
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._held = 0
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return dict(self._memory[key])
         path = self._path(key)
         if path.is_file():
             try:
@@ -47,7 +60,8 @@ class TensorCache:
                 path.unlink(missing_ok=True)
             else:
                 self.hits += 1
-                return tensors
+                self._remember(key, tensors)
+                return dict(tensors)
         self.misses += 1
         return None
 
@@ -55,6 +69,19 @@ class TensorCache:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         # written by Python, so a full disk is an OSError with its errno, as for checkpoints
         atomic_write(self._path(key), lambda tmp: write_safetensors(tmp, tensors))
+        self._remember(key, tensors)
+
+    def _remember(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size > self.memory_bytes:
+            return
+        if key in self._memory:
+            self._held -= sum(t.numel() * t.element_size() for t in self._memory.pop(key).values())
+        self._memory[key] = tensors
+        self._held += size
+        while self._held > self.memory_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._held -= sum(t.numel() * t.element_size() for t in dropped.values())
 
 
 def cache_root(dataset_root: Path, cache_dir: str | None) -> Path:

@@ -5,7 +5,9 @@
 2. train: `offload_encoders()` moves them off and the denoiser on; encoders come back only when they train
    or when a step must encode (latents or captions not cached); LoRA weights, optimizer state, gradients
    (the fused backward pass steps and frees them in 16 MiB buckets) and the step's activations;
-3. sample (when prompts are set): text encoders and VAE join the denoiser for the samples, then leave.
+3. sample (when prompts are set): the prompts were encoded in phase 1 (`prepare_samples`), so only the VAE
+   joins the denoiser (and the text encoders only when they train: they re-encode with their current
+   weights), then leaves.
 
 The peak is the largest phase, not the sum. Activations and workspaces are measured by running the family's
 real architecture on the meta device (trainers/memory/measure.py); weights and optimizer state are counted.
@@ -262,7 +264,9 @@ def _compose(config: TrainConfig, device_type: str, measured: dict) -> MemoryEst
     latents_cached = config.dataset.cache_latents and config.dataset.crop == "center"
     text_cached = _text_cached(config)
 
-    caching_work = max(m.encode_image if latents_cached else 0, m.encode_captions if text_cached else 0)
+    # the sample prompts are encoded here too, before the denoiser comes on
+    encodes_text = text_cached or bool(config.sampling.prompts)
+    caching_work = max(m.encode_image if latents_cached else 0, m.encode_captions if encodes_text else 0)
     caching = Phase(
         "load and fill caches",
         (
@@ -295,16 +299,21 @@ def _compose(config: TrainConfig, device_type: str, measured: dict) -> MemoryEst
     phases = [caching, training]
     if config.sampling.prompts:
         height, width = _sample_size(config)
+        # prompts encoded before training: frozen text encoders stay off the device while sampling
+        trained_text = config.lora.train_text_encoder
+        sampling_roles = everything if on_cpu or trained_text else ["denoiser", "image_encoder"]
+        detail = f"denoiser step with guidance and VAE decode at {width}x{height}"
         phases.append(
             Phase(
                 "sampling",
                 (
-                    *weight_parts(everything),
+                    *weight_parts(sampling_roles),
                     *trained,
                     Part(
                         "workspace: sampling",
-                        max(m.sample_step, m.decode, m.encode_captions),
-                        f"denoiser step with guidance and VAE decode at {width}x{height}",
+                        max(m.sample_step, m.decode, m.encode_captions if trained_text else 0),
+                        detail
+                        + (", prompts re-encoded by the trained text encoders" if trained_text else ""),
                     ),
                 ),
             )

@@ -59,9 +59,33 @@ class FamilyMemoryModel(ABC):
         """The frozen components, with their weight bytes."""
 
     @abstractmethod
+    def lora_targets(self) -> dict[str, tuple[str, str | list[str]]]:
+        """The PEFT target_modules the adapter gives each component that trains a LoRA, with the config
+        field that names them (for the message when nothing matches)."""
+
     def add_lora(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         """Inject the configured LoRA into the meta modules, as the adapter does; the trainable parameters
         by name, per component (in fp32, as the trainer trains them)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = self.config.lora
+        params = {}
+        for name, (field, modules) in self.lora_targets().items():
+            module = getattr(self, name)
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.effective_alpha,
+                lora_dropout=lora.dropout,
+                target_modules=modules,
+            )
+            with torch.device(self.tensor_device):
+                inject_adapter_in_model(config, module, adapter_name="default")
+            params[name] = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            for p in params[name].values():
+                p.data = p.data.float()  # cast_training_params: LoRA trains in fp32
+            if not params[name]:
+                raise ValueError(f"{field}: no module of the {name} matches {modules}")
+        return params
 
     @abstractmethod
     def set_gradient_checkpointing(self, checkpoint: Callable) -> None:

@@ -73,7 +73,7 @@ def _candidates(config: TrainConfig) -> list[dict[str, object]]:
         changes.append({"dataset.cache_latents": True, "dataset.crop": "center"})
     if training.batch_size > 1:
         changes.append({"training.batch_size": 1})
-    if config.sampling.prompts:  # sampling brings the text encoders and the fp32 VAE next to the denoiser
+    if config.sampling.prompts:  # sampling brings the fp32 VAE (and its decode) next to the denoiser
         changes.append({"sampling.width": 512, "sampling.height": 512})
         changes.append({"sampling.prompts": []})
     for resolution in (768, 512):

@@ -107,32 +107,16 @@ class _FlowMemoryModel(FamilyMemoryModel):
         ]
 
     # ------------------------------------------------------------------ LoRA and checkpointing
-    def add_lora(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        from peft import LoraConfig, inject_adapter_in_model
-
+    def lora_targets(self) -> dict[str, tuple[str, str | list[str]]]:
         from trainers.models import transformer_target_modules
 
         lora = self.config.lora
-        targets = {"transformer": transformer_target_modules(self.family, self.options)}
+        targets = {
+            "transformer": ("flux.lora_targets", transformer_target_modules(self.family, self.options))
+        }
         if lora.train_text_encoder:  # Flux.1's CLIP-L, as the adapter trains it
-            targets["text_encoder"] = lora.text_encoder_target_modules
-        params = {}
-        for name, modules in targets.items():
-            module = getattr(self, name)
-            config = LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.effective_alpha,
-                lora_dropout=lora.dropout,
-                target_modules=modules,
-            )
-            with torch.device(self.tensor_device):
-                inject_adapter_in_model(config, module, adapter_name="default")
-            params[name] = {n: p for n, p in module.named_parameters() if p.requires_grad}
-            for p in params[name].values():
-                p.data = p.data.float()  # cast_training_params: LoRA trains in fp32
-            if not params[name]:
-                raise ValueError(f"flux.lora_targets: no module of the {name} matches {modules}")
-        return params
+            targets["text_encoder"] = ("lora.text_encoder_target_modules", lora.text_encoder_target_modules)
+        return targets
 
     def set_gradient_checkpointing(self, checkpoint: Callable) -> None:
         self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)

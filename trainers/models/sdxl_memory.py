@@ -100,32 +100,13 @@ class SDXLMemoryModel(FamilyMemoryModel):
         }
         return [_component(name, role, getattr(self, name)) for name, role in roles.items()]
 
-    def add_lora(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        from peft import LoraConfig, inject_adapter_in_model
-
+    def lora_targets(self) -> dict[str, tuple[str, str | list[str]]]:
         lora = self.config.lora
-        targets = {"unet": lora.target_modules}
+        targets = {"unet": ("lora.target_modules", lora.target_modules)}
         if lora.train_text_encoder:
-            targets.update(
-                {name: lora.text_encoder_target_modules for name in ("text_encoder", "text_encoder_2")}
-            )
-        params = {}
-        for name, modules in targets.items():
-            module = getattr(self, name)
-            config = LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.effective_alpha,
-                lora_dropout=lora.dropout,
-                target_modules=modules,
-            )
-            with torch.device(self.tensor_device):
-                inject_adapter_in_model(config, module, adapter_name="default")
-            params[name] = {n: p for n, p in module.named_parameters() if p.requires_grad}
-            for p in params[name].values():
-                p.data = p.data.float()  # cast_training_params: LoRA trains in fp32
-            if not params[name]:
-                raise ValueError(f"lora.target_modules: no module of the {name} matches {modules}")
-        return params
+            for name in ("text_encoder", "text_encoder_2"):
+                targets[name] = ("lora.text_encoder_target_modules", lora.text_encoder_target_modules)
+        return targets
 
     def set_gradient_checkpointing(self, checkpoint: Callable) -> None:
         self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
