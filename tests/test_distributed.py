@@ -358,6 +358,21 @@ def test_a_crashed_rank_ends_the_run_with_an_error_event_and_a_resumable_checkpo
     assert [e["step"] for e in steps(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_d_differing_between_processes_at_a_checkpoint_is_an_error_event(
+    tmp_path, tiny_model, dataset, monkeypatch, one_thread
+) -> None:
+    from trainers import train as training
+    from trainers.distributed import DataParallel
+    from trainers.events import read_events
+
+    monkeypatch.setattr(DataParallel, "d_agrees", lambda self, optimizer: False)  # as if ranks drifted
+    with pytest.raises(training.TrainingError, match="d differs between processes at step 2"):
+        train_here(make_config(tmp_path, tiny_model, dataset))
+    last = read_events(tmp_path / "runs" / "run")[-1]
+    assert last["type"] == "error" and "d differs" in last["message"]
+    assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
+
+
 def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> None:
     from trainers.checks import distributed_problems
     from trainers.config import validate_config
