@@ -384,8 +384,16 @@ def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> N
     assert problem.startswith("optimizer.fused_back_pass:")
     plain = validate_config(make_config(tmp_path, tiny_model, dataset))
     assert distributed_problems(plain, 1, 2) == []  # 1 process accumulates what 2 shared
-    (problem,) = distributed_problems(plain, 3, 4)
-    assert problem.startswith("training.gradient_accumulation:")
+
+
+def test_micro_batches_per_step_on_any_number_of_processes() -> None:
+    from trainers.distributed import micro_batches_per_step
+
+    assert micro_batches_per_step(0, 2, 4) == (8, None)  # a new run: accumulation x processes
+    assert micro_batches_per_step(4, 2, 1) == (4, None)  # resumed on fewer: each accumulates more
+    assert micro_batches_per_step(4, 2, 4) == (4, None)
+    count, warning = micro_batches_per_step(2, 1, 4)  # written on 2, resumed on 4: a larger global batch
+    assert count == 4 and "global batch changes" in warning
 
 
 def test_gpus_flag_refuses_before_any_process_starts(tmp_path, tiny_model, dataset, monkeypatch, capsys):

@@ -270,6 +270,26 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def micro_batches_per_step(saved: int, accumulation: int, processes: int) -> tuple[int, str | None]:
+    """Micro-batches per step over all processes, and a warning when a resumed run's global batch changes.
+
+    A resumed run keeps its checkpoint's count (`saved`; 0 for a new run) when `processes` divide it: it
+    goes on exactly as it would have (fewer processes accumulate more). Otherwise it continues from the
+    same data position with `accumulation` micro-batches per process, a different global batch.
+    """
+    if saved and saved % processes == 0:
+        return saved, None
+    count = accumulation * processes
+    if not saved:
+        return count, None
+    return count, (
+        f"this run took {saved} micro-batches per step, which {processes} processes cannot share evenly: it "
+        f"continues from the same data position with {count} per step (training.gradient_accumulation x "
+        f"processes), so its global batch changes; resume on a number of processes dividing {saved} to go "
+        "on exactly as before"
+    )
+
+
 # ---------------------------------------------------------------- starting processes on this machine
 def launch_command(trainer_args: list[str], processes: int, port: int) -> list[str]:
     """`accelerate launch` of `python -m trainers TRAINER_ARGS` on `processes` processes of this machine."""

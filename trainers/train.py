@@ -57,7 +57,7 @@ from trainers.dataset import (
     process_caption,
     scan_dataset,
 )
-from trainers.distributed import DataParallel, from_environment
+from trainers.distributed import DataParallel, from_environment, micro_batches_per_step
 from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
 from trainers.freeze import auto_freeze_due, auto_freeze_window, prodigy_steps_for
 from trainers.models import ModelAdapter, SampleConditioning, adapter_for
@@ -429,10 +429,15 @@ class Trainer:
         return per_epoch * training.epochs
 
     def _micro_batches_per_step(self, resume_from: Path | None) -> int:
-        """Micro-batches per optimizer step over all processes: a resumed run keeps its checkpoint's, so it
-        goes on with the same global batch on any number of processes."""
+        """Micro-batches per optimizer step over all processes: a resumed run keeps its checkpoint's where
+        the processes can share them, so it goes on exactly as before."""
         saved = saved_trainer_state(resume_from).micro_batches_per_step if resume_from else 0
-        return saved or self.config.training.gradient_accumulation * self.parallel.world_size
+        accumulation = self.config.training.gradient_accumulation
+        count, warning = micro_batches_per_step(saved, accumulation, self.parallel.world_size)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            self.events.write("warning", message=warning)
+        return count
 
     def _captions_are_fixed(self) -> bool:
         return not self.config.dataset.shuffle_tags and not self.config.lora.train_text_encoder
