@@ -300,9 +300,10 @@ class Trainer:
         )
 
     def _stopped_before_the_first_step(self, **step) -> bool:
-        if self.stop_requested:
+        stopped = self.parallel.any_rank(self.stop_requested)  # all processes stop, or none
+        if stopped:
             self.events.write("stopped", message="stopped before the first step; nothing to save", **step)
-        return self.stop_requested
+        return stopped
 
     def _loop(self, run: _Session) -> None:
         config, state = self.config, run.state
