@@ -367,9 +367,11 @@ class Trainer:
         losses, samples = [], 0
         for n, position in enumerate(positions):
             indices = batches[position]
+            # noise, timesteps, captions and LoRA dropout follow from the micro-batch, not the process
             micro_seed = micro_batch_seed(seed, run.state.step, position)
             run.generator.manual_seed(micro_seed)
             run.rng.seed(micro_seed)
+            torch.manual_seed(micro_seed)
             with parallel.accumulating(last=n == len(positions) - 1):
                 loss = self._micro_batch_loss(run, indices)
                 (loss / len(positions)).backward()  # DDP averages over the ranks
