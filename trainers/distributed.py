@@ -115,10 +115,6 @@ class DataParallel:
         return bytes(data.tolist()).decode("utf-8")
 
     # ------------------------------------------------------------------ data
-    def local_accumulation(self, micro_batches_per_step: int) -> int:
-        """Micro-batches this rank trains on per step."""
-        return micro_batches_per_step // self.world_size
-
     def my_positions(self, micro_batches_per_step: int) -> range:
         """Positions within the step's micro-batches that this rank trains on."""
         return range(self.rank, micro_batches_per_step, self.world_size)
@@ -259,11 +255,6 @@ def from_environment() -> DataParallel:
     device = torch.device(state.device)
     device = torch.device("cpu") if device.type == "cpu" else device
     return DataParallel(state.process_index, state.num_processes, device, wait_group)
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (1 when run directly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _default_device() -> torch.device:
