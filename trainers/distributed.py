@@ -7,7 +7,8 @@ differs between them:
   - all ranks walk the same epoch order of micro-batches (trainers/batches.py); a step takes
     `micro_batches_per_step` of them, and rank r trains on positions r, r + world, r + 2*world, ...
     (gradient accumulation makes up the rest), so the data position is the same on every rank and does not
-    depend on how many processes there are;
+    depend on how many processes there are; a micro-batch's noise, timesteps, captions and dropout are
+    seeded from (seed, step, position), so which process trains it does not matter either;
   - the LoRA gradients are averaged by DDP: `no_sync` on all but the last micro-batch of a step, or, with the
     fused backward pass, ppsf_optim.ddp steps each bucket as soon as its all-reduce completes;
   - rank 0 alone fills the caches first (the others wait, then read them) and writes events, samples,
@@ -37,7 +38,7 @@ from trainers.events import EventLog
 
 TIMEOUT_ENV = "PPSF_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
-# rank 0 fills caches and writes checkpoints while the others wait on this group, so its timeout is long
+# rank 0 fills the caches (maybe hours) while the others wait on this group, so its timeout is long
 _WAIT_TIMEOUT = timedelta(hours=24)
 
 T = TypeVar("T")
