@@ -261,10 +261,12 @@ def test_accelerate_launch_makes_one_run_equal_to_one_process_and_resumable_on_o
     from trainers import train as training
     from trainers.events import read_events
 
+    lora = {"dropout": 0.2}  # drawn from torch's global RNG: the same per micro-batch on any process too
     data = make_config(
         tmp_path / "two",
         tiny_model,
         dataset,
+        lora=lora,
         training={"gradient_accumulation": 2},
         sampling={"prompts": ["shapes, a red circle"], "every_n_steps": 0},
     )
@@ -291,7 +293,7 @@ def test_accelerate_launch_makes_one_run_equal_to_one_process_and_resumable_on_o
     assert len(list((run_dir / "lora").iterdir())) == 1
 
     reference = train_here(
-        make_config(tmp_path / "one", tiny_model, dataset, training={"gradient_accumulation": 4})
+        make_config(tmp_path / "one", tiny_model, dataset, lora=lora, training={"gradient_accumulation": 4})
     )
     assert_same_training(run_dir, reference, step=4)
 
@@ -358,6 +360,21 @@ def test_a_crashed_rank_ends_the_run_with_an_error_event_and_a_resumable_checkpo
     assert [e["step"] for e in steps(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_d_differing_between_processes_at_a_checkpoint_is_an_error_event(
+    tmp_path, tiny_model, dataset, monkeypatch, one_thread
+) -> None:
+    from trainers import train as training
+    from trainers.distributed import DataParallel
+    from trainers.events import read_events
+
+    monkeypatch.setattr(DataParallel, "d_agrees", lambda self, optimizer: False)  # as if ranks drifted
+    with pytest.raises(training.TrainingError, match="d differs between processes at step 2"):
+        train_here(make_config(tmp_path, tiny_model, dataset))
+    last = read_events(tmp_path / "runs" / "run")[-1]
+    assert last["type"] == "error" and "d differs" in last["message"]
+    assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
+
+
 def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> None:
     from trainers.checks import distributed_problems
     from trainers.config import validate_config
@@ -369,8 +386,16 @@ def test_distributed_refusals_name_the_field(tiny_model, dataset, tmp_path) -> N
     assert problem.startswith("optimizer.fused_back_pass:")
     plain = validate_config(make_config(tmp_path, tiny_model, dataset))
     assert distributed_problems(plain, 1, 2) == []  # 1 process accumulates what 2 shared
-    (problem,) = distributed_problems(plain, 3, 4)
-    assert problem.startswith("training.gradient_accumulation:")
+
+
+def test_micro_batches_per_step_on_any_number_of_processes() -> None:
+    from trainers.distributed import micro_batches_per_step
+
+    assert micro_batches_per_step(0, 2, 4) == (8, None)  # a new run: accumulation x processes
+    assert micro_batches_per_step(4, 2, 1) == (4, None)  # resumed on fewer: each accumulates more
+    assert micro_batches_per_step(4, 2, 4) == (4, None)
+    count, warning = micro_batches_per_step(2, 1, 4)  # written on 2, resumed on 4: a larger global batch
+    assert count == 4 and "global batch changes" in warning
 
 
 def test_gpus_flag_refuses_before_any_process_starts(tmp_path, tiny_model, dataset, monkeypatch, capsys):

@@ -159,7 +159,7 @@ def _launch_on_gpus(args: argparse.Namespace) -> int:
     if args.command == "train":
         config = load_checked(args.config, args.set)  # a bad config stops here, before any process starts
         trainer_args = ["train", str(args.config), *(part for o in args.set for part in ("--set", o))]
-        micro_batches = config.training.gradient_accumulation * args.gpus
+        saved = 0
     else:
         run_folder.require_run(args.run_dir)
         config_file = args.config or args.run_dir / CONFIG_FILE
@@ -169,7 +169,8 @@ def _launch_on_gpus(args: argparse.Namespace) -> int:
             trainer_args += ["--config", str(args.config), *(part for o in args.set for part in ("--set", o))]
         checkpoints = list_checkpoints(args.run_dir)
         saved = saved_trainer_state(checkpoints[-1][1]).micro_batches_per_step if checkpoints else 0
-        micro_batches = saved or config.training.gradient_accumulation * args.gpus
+    accumulation = config.training.gradient_accumulation
+    micro_batches, _ = distributed.micro_batches_per_step(saved, accumulation, args.gpus)
     problems = distributed.gpu_problems(args.gpus)
     problems += distributed_problems(config, args.gpus, micro_batches)
     problems += config_problems(config)

@@ -462,16 +462,8 @@ def _build_layers(family: str, component: str, config_json: str) -> dict[str, tu
 # ---------------------------------------------------------------- several processes
 def distributed_problems(config: TrainConfig, processes: int, micro_batches_per_step: int) -> list[str]:
     """What stops this config on `processes` processes taking `micro_batches_per_step` micro-batches per
-    step over all of them (a resumed run keeps its checkpoint's, so its global batch stays the same)."""
-    if processes <= 1 and micro_batches_per_step <= config.training.gradient_accumulation:
-        return []
-    if micro_batches_per_step % processes:
-        return [
-            f"training.gradient_accumulation: this run takes {micro_batches_per_step} micro-batches per step, "
-            f"which {processes} processes cannot share evenly; resume it on a number of processes that "
-            f"divides {micro_batches_per_step}"
-        ]
-    per_process = micro_batches_per_step // processes
+    step over all of them (trainers.distributed.micro_batches_per_step: a resumed run keeps its own)."""
+    per_process = micro_batches_per_step // max(1, processes)
     if config.optimizer.fused_back_pass and per_process > 1:
         return [
             f"optimizer.fused_back_pass: this run takes {micro_batches_per_step} micro-batches per step, so on "

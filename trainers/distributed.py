@@ -7,7 +7,8 @@ differs between them:
   - all ranks walk the same epoch order of micro-batches (trainers/batches.py); a step takes
     `micro_batches_per_step` of them, and rank r trains on positions r, r + world, r + 2*world, ...
     (gradient accumulation makes up the rest), so the data position is the same on every rank and does not
-    depend on how many processes there are;
+    depend on how many processes there are; a micro-batch's noise, timesteps, captions and dropout are
+    seeded from (seed, step, position), so which process trains it does not matter either;
   - the LoRA gradients are averaged by DDP: `no_sync` on all but the last micro-batch of a step, or, with the
     fused backward pass, ppsf_optim.ddp steps each bucket as soon as its all-reduce completes;
   - rank 0 alone fills the caches first (the others wait, then read them) and writes events, samples,
@@ -37,7 +38,7 @@ from trainers.events import EventLog
 
 TIMEOUT_ENV = "PPSF_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
-# rank 0 fills caches and writes checkpoints while the others wait on this group, so its timeout is long
+# rank 0 fills the caches (maybe hours) while the others wait on this group, so its timeout is long
 _WAIT_TIMEOUT = timedelta(hours=24)
 
 T = TypeVar("T")
@@ -119,10 +120,6 @@ class DataParallel:
         return bytes(data.tolist()).decode("utf-8")
 
     # ------------------------------------------------------------------ data
-    def local_accumulation(self, micro_batches_per_step: int) -> int:
-        """Micro-batches this rank trains on per step."""
-        return micro_batches_per_step // self.world_size
-
     def my_positions(self, micro_batches_per_step: int) -> range:
         """Positions within the step's micro-batches that this rank trains on."""
         return range(self.rank, micro_batches_per_step, self.world_size)
@@ -265,13 +262,28 @@ def from_environment() -> DataParallel:
     return DataParallel(state.process_index, state.num_processes, device, wait_group)
 
 
-def launched_processes() -> int:
-    """How many processes the launcher started (1 when run directly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def micro_batches_per_step(saved: int, accumulation: int, processes: int) -> tuple[int, str | None]:
+    """Micro-batches per step over all processes, and a warning when a resumed run's global batch changes.
+
+    A resumed run keeps its checkpoint's count (`saved`; 0 for a new run) when `processes` divide it: it
+    goes on exactly as it would have (fewer processes accumulate more). Otherwise it continues from the
+    same data position with `accumulation` micro-batches per process, a different global batch.
+    """
+    if saved and saved % processes == 0:
+        return saved, None
+    count = accumulation * processes
+    if not saved:
+        return count, None
+    return count, (
+        f"this run took {saved} micro-batches per step, which {processes} processes cannot share evenly: it "
+        f"continues from the same data position with {count} per step (training.gradient_accumulation x "
+        f"processes), so its global batch changes; resume on a number of processes dividing {saved} to go "
+        "on exactly as before"
+    )
 
 
 # ---------------------------------------------------------------- starting processes on this machine

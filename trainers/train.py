@@ -57,7 +57,7 @@ from trainers.dataset import (
     process_caption,
     scan_dataset,
 )
-from trainers.distributed import DataParallel, from_environment
+from trainers.distributed import DataParallel, from_environment, micro_batches_per_step
 from trainers.events import read_events
 from trainers.export_run import EXPORT_METADATA_FILE, export_checkpoint
 from trainers.freeze import auto_freeze_due, auto_freeze_window, manual_freeze_refusal, prodigy_steps_for
@@ -392,9 +392,10 @@ class Trainer:
         )
 
     def _stopped_before_the_first_step(self, **step) -> bool:
-        if self.stop_requested:
+        stopped = self.parallel.any_rank(self.stop_requested)  # all processes stop, or none
+        if stopped:
             self.events.write("stopped", message="stopped before the first step; nothing to save", **step)
-        return self.stop_requested
+        return stopped
 
     def _loop(self, run: _Session) -> None:
         config, state = self.config, run.state
@@ -462,9 +463,11 @@ class Trainer:
         losses, samples = [], 0
         for n, position in enumerate(positions):
             indices = batches[position]
+            # noise, timesteps, captions and LoRA dropout follow from the micro-batch, not the process
             micro_seed = micro_batch_seed(seed, run.state.step, position)
             run.generator.manual_seed(micro_seed)
             run.rng.seed(micro_seed)
+            torch.manual_seed(micro_seed)
             with parallel.accumulating(last=n == len(positions) - 1):
                 loss = self._micro_batch_loss(run, indices)
                 (loss / len(positions)).backward()  # DDP averages over the ranks
@@ -527,10 +530,15 @@ class Trainer:
         return per_epoch * training.epochs
 
     def _micro_batches_per_step(self, resume_from: Path | None) -> int:
-        """Micro-batches per optimizer step over all processes: a resumed run keeps its checkpoint's, so it
-        goes on with the same global batch on any number of processes."""
+        """Micro-batches per optimizer step over all processes: a resumed run keeps its checkpoint's where
+        the processes can share them, so it goes on exactly as before."""
         saved = saved_trainer_state(resume_from).micro_batches_per_step if resume_from else 0
-        return saved or self.config.training.gradient_accumulation * self.parallel.world_size
+        accumulation = self.config.training.gradient_accumulation
+        count, warning = micro_batches_per_step(saved, accumulation, self.parallel.world_size)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            self.events.write("warning", message=warning)
+        return count
 
     def _captions_are_fixed(self) -> bool:
         return not self.config.dataset.shuffle_tags and not self.config.lora.train_text_encoder
