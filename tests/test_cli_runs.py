@@ -204,3 +204,16 @@ def test_export_names_the_files_and_their_use(finished_run, capsys) -> None:
     assert cli(["export", str(finished_run), "--format", "diffusers"]) == 0
     out = capsys.readouterr().out
     assert "run-step000002-diffusers.safetensors  (diffusers format)" in out and "load_lora_weights" in out
+
+
+def test_check_says_what_train_would_do_with_a_taken_name(finished_run, tmp_path, capsys) -> None:
+    capsys.readouterr()
+    assert cli(["check", str(tmp_path / "c.toml")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {finished_run} already holds a finished run (step 2): `train` refuses this name" in out
+
+
+def test_resume_refuses_set_without_config(finished_run, capsys) -> None:
+    capsys.readouterr()
+    assert cli(["resume", str(finished_run), "--set", "training.max_steps=9"]) == 2
+    assert "--set goes with --config" in capsys.readouterr().err

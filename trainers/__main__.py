@@ -79,6 +79,9 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     print(summary)
+    note = run_folder.name_note(config.run_dir)
+    if note:
+        print(note)
     print(f"{args.config}: ok")
     return 0
 
@@ -89,6 +92,10 @@ def _command(args: argparse.Namespace, training) -> int:
     if args.command == "train":
         run_dir = training.train(load_checked(args.config, args.set))
     else:
+        if args.set and args.config is None:
+            raise ConfigError(
+                ["--set: resume continues with the run's own config.toml; --set goes with --config"]
+            )
         done = run_folder.finished_event(args.run_dir) if args.config is None else None
         if done is not None:
             print(f"{args.run_dir} is finished (step {done.get('step')}); nothing to resume")

@@ -131,6 +131,21 @@ def missing_checkpoint(run_dir: Path, step: int) -> RunFolderError:
     return RunFolderError(f"--checkpoint {step}: {run_dir} has no checkpoint at step {step}; {known}")
 
 
+def name_note(run_dir: Path) -> str | None:
+    """What `train` would do with this config's run folder, when it is not simply free."""
+    run_dir = Path(run_dir)
+    if has_checkpoint_folders(run_dir):
+        done = finished_event(run_dir)
+        what = f"a finished run (step {done.get('step')})" if done else "a run with checkpoints"
+        return (
+            f"note: {run_dir} already holds {what}: `train` refuses this name; choose another "
+            f"(--set name=...){'' if done else f' or continue it with `python -m trainers resume {run_dir}`'}"
+        )
+    if holds_trainer_output(run_dir):
+        return f"note: {run_dir} holds an attempt without checkpoint: `train` starts over (its files are kept aside)"
+    return None
+
+
 # ---------------------------------------------------------------- starting over
 @dataclass(frozen=True)
 class SetAside:
