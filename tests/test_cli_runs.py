@@ -217,3 +217,11 @@ def test_resume_refuses_set_without_config(finished_run, capsys) -> None:
     capsys.readouterr()
     assert cli(["resume", str(finished_run), "--set", "training.max_steps=9"]) == 2
     assert "--set goes with --config" in capsys.readouterr().err
+
+
+def test_resume_of_a_bare_name_lists_the_runs_folder(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "config.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["resume", "demo"]) == 2
+    assert "no such run: demo (not a folder); runs in runs: runs/demo." in capsys.readouterr().err

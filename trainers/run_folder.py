@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers.config import TrainConfig
+
 CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"  # trainers/events.py's, repeated so this module imports no torch
 CHECKPOINTS = "checkpoints"
@@ -29,6 +31,7 @@ TRAINER_OUTPUTS = (
     CHECKPOINTS,
 )
 ATTEMPT_PREFIX = "attempt-"
+DEFAULT_OUTPUT_DIR = TrainConfig.model_fields["output_dir"].default
 
 
 class RunFolderError(ValueError):
@@ -98,8 +101,10 @@ def existing_runs(output_dir: Path) -> list[Path]:
 def no_such_run(run_dir: Path) -> RunFolderError:
     """The refusal for a run folder that holds no run, listing the runs next to it."""
     run_dir = Path(run_dir)
-    runs = existing_runs(run_dir.parent)
-    where = run_dir.parent if str(run_dir.parent) not in ("", ".") else Path(".")
+    where = run_dir.parent
+    runs = existing_runs(where)
+    if not runs and existing_runs(Path(DEFAULT_OUTPUT_DIR)):  # `resume demo` meant runs/demo
+        where, runs = Path(DEFAULT_OUTPUT_DIR), existing_runs(Path(DEFAULT_OUTPUT_DIR))
     if runs:
         listed = ", ".join(str(p) for p in runs)
         known = f"runs in {where}: {listed}"
