@@ -70,11 +70,18 @@ def _config_file(tmp_path: Path, model: Path, dataset: Path, name: str = "run", 
     return path
 
 
-def _failed_attempt(tmp_path: Path, weightless_model: Path, dataset: Path) -> Path:
+def _failed_attempt(tmp_path: Path, weightless_model: Path, dataset: Path, capsys) -> Path:
     """`train` that fails after it started (loading the model), before any checkpoint."""
-    with pytest.raises(RuntimeError, match="could not load an SDXL pipeline"):
-        cli(["train", str(_config_file(tmp_path, weightless_model, dataset, file="bad.toml"))])
+    assert cli(["train", str(_config_file(tmp_path, weightless_model, dataset, file="bad.toml"))]) == 1
     run_dir = tmp_path / "runs" / "run"
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback (most recent call last):" in err and err[-2].startswith(
+        "error: RuntimeError: model.path"
+    )
+    assert err[-1] == (
+        f"{run_dir}: no checkpoint was saved, so nothing is lost: fix the config, then run `train` again (the "
+        f"same name starts over) or `python -m trainers resume {run_dir} --config FILE`"
+    )
     assert read_events(run_dir)[-1]["type"] == "error"
     assert not (run_dir / "checkpoints").exists()
     return run_dir
@@ -88,7 +95,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_train_again_after_a_failed_start_starts_over_and_keeps_the_old_files(
     tmp_path, tiny_model, weightless_model, dataset, capsys
 ) -> None:
-    run_dir = _failed_attempt(tmp_path, weightless_model, dataset)
+    run_dir = _failed_attempt(tmp_path, weightless_model, dataset, capsys)
     (run_dir / "train.log").write_text("the UI's log of this folder\n")  # files the UI keeps there stay
     old = _tree(run_dir)
     capsys.readouterr()
@@ -117,7 +124,7 @@ def test_a_wrong_path_leaves_no_run_folder_behind(tmp_path, tiny_model) -> None:
 def test_resume_of_a_failed_start_takes_the_fixed_config(
     tmp_path, tiny_model, weightless_model, dataset, capsys
 ) -> None:
-    run_dir = _failed_attempt(tmp_path, weightless_model, dataset)
+    run_dir = _failed_attempt(tmp_path, weightless_model, dataset, capsys)
     fixed = _config_file(tmp_path, tiny_model, dataset, name="other-name", file="fixed.toml")
 
     assert cli(["resume", str(run_dir), "--config", str(fixed)]) == 0

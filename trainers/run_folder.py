@@ -203,6 +203,21 @@ def outcome_lines(run_dir: Path) -> list[str]:
     return [f"run folder: {run_dir}", *ui_lines()]
 
 
+def failure_lines(run_dir: Path) -> list[str]:
+    """What to do after a run failed with an error (its error event holds the message)."""
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
+    if steps:
+        return [
+            f"{run_dir}: the last checkpoint is step {steps[-1]}; fix the cause, then continue with "
+            f"`python -m trainers resume {run_dir}`"
+        ]
+    return [
+        f"{run_dir}: no checkpoint was saved, so nothing is lost: fix the config, then run `train` again (the "
+        f"same name starts over) or `python -m trainers resume {run_dir} --config FILE`"
+    ]
+
+
 def lora_usage_lines(files: list[str] | list[Path]) -> list[str]:
     """The exported files, their format, and how each is used."""
     if not files:
