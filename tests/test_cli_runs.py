@@ -232,3 +232,21 @@ def test_resume_of_a_bare_name_lists_the_runs_folder(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert cli(["resume", "demo"]) == 2
     assert "no such run: demo (not a folder); runs in runs: runs/demo." in capsys.readouterr().err
+
+
+def test_a_second_trainer_in_a_busy_folder_is_refused_and_moves_nothing(
+    tmp_path, tiny_model, dataset, capsys
+) -> None:
+    from trainers.run_folder import trainer_lock
+
+    run_dir = tmp_path / "runs" / "run"
+    config = _config_file(tmp_path, tiny_model, dataset)
+    with trainer_lock(run_dir):  # what a running trainer holds (the system drops it when that process ends)
+        (run_dir / "events.jsonl").write_text('{"type": "start", "step": 0}\n')
+        (run_dir / "config.toml").write_text(config.read_text())
+        before = _tree(run_dir)
+        assert cli(["train", str(config)]) == 2
+        assert cli(["resume", str(run_dir)]) == 2
+        assert _tree(run_dir) == before and not list(run_dir.glob("attempt-*"))
+    err = capsys.readouterr().err
+    assert err.count(f"error: a trainer is running in {run_dir} now") == 2

@@ -8,9 +8,11 @@ folder (one rename per entry, nothing deleted), and files the UI keeps there (it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ TRAINER_OUTPUTS = (
     CHECKPOINTS,
 )
 ATTEMPT_PREFIX = "attempt-"
+LOCK_FILE = ".trainer.lock"  # held by the running trainer (flock), never moved
 DEFAULT_OUTPUT_DIR = TrainConfig.model_fields["output_dir"].default
 
 
@@ -149,6 +152,26 @@ def name_note(run_dir: Path) -> str | None:
     if holds_trainer_output(run_dir):
         return f"note: {run_dir} holds an attempt without checkpoint: `train` starts over (its files are kept aside)"
     return None
+
+
+# ---------------------------------------------------------------- one trainer per folder
+@contextlib.contextmanager
+def trainer_lock(run_dir: Path) -> Iterator[None]:
+    """Held while `train` or `resume` works in `run_dir`, so a second one there is refused instead of
+    moving or rewriting the first one's files; the system releases it when the process ends, however."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(
+                f"a trainer is running in {run_dir} now; wait for it to end, or stop it (Ctrl-C in its "
+                "terminal, Stop in the UI), then try again"
+            ) from None
+        yield
 
 
 # ---------------------------------------------------------------- starting over

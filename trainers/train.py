@@ -108,19 +108,19 @@ def train(config: TrainConfig) -> Path:
     problems = config_problems(config)
     if problems:  # before the run folder is touched: a wrong path leaves nothing behind
         raise ConfigError(problems)
-    if run_folder.has_checkpoint_folders(run_dir):
-        raise ConfigError([_occupied_message(run_dir)])
-    recover_run_folder(run_dir)
-    moved = run_folder.set_aside_attempt(run_dir)
-    if moved is not None:
-        print(
-            f"{run_dir} held an attempt that never reached a checkpoint ({moved.reason}); starting over, "
-            f"its files are in {moved.folder}",
-            file=sys.stderr,
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
-    return Trainer(config).run(resume_from=None)
+    with run_folder.trainer_lock(run_dir):
+        recover_run_folder(run_dir)  # first: a checkpoint caught between two renames is put back in place
+        if run_folder.has_checkpoint_folders(run_dir):
+            raise ConfigError([_occupied_message(run_dir)])
+        moved = run_folder.set_aside_attempt(run_dir)
+        if moved is not None:
+            print(
+                f"{run_dir} held an attempt that never reached a checkpoint ({moved.reason}); starting over, "
+                f"its files are in {moved.folder}",
+                file=sys.stderr,
+            )
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+        return Trainer(config).run(resume_from=None)
 
 
 def _occupied_message(run_dir: Path) -> str:
@@ -150,6 +150,11 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
         run_folder.require_run(run_dir)
     if config_path is None and run_folder.finished_event(run_dir) is not None:
         return run_dir
+    with run_folder.trainer_lock(run_dir):
+        return _resume_locked(run_dir, config_path, overrides)
+
+
+def _resume_locked(run_dir: Path, config_path: Path | None, overrides: Sequence[str]) -> Path:
     recover_run_folder(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if config_path is not None:
