@@ -4,12 +4,12 @@ that exist, and the closing lines that name the LoRA files and how to use them.
 A run folder that never reached a checkpoint holds nothing a new run could continue, so `train` of the
 same name starts over; what the earlier attempt wrote is moved aside into `attempt-<time>/` inside the
 folder (one rename per entry, nothing deleted), and files the UI keeps there (its log, its pid) stay.
+A trainer holds a lock on its folder while it works, so this never happens under a running one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from trainers.config import TrainConfig
+from trainers.events import EVENTS_FILE, read_events
 
 CONFIG_FILE = "config.toml"
-EVENTS_FILE = "events.jsonl"  # trainers/events.py's, repeated so this module imports no torch
 CHECKPOINTS = "checkpoints"
 # What a trainer writes into its run folder: moved aside together when a run without checkpoint restarts.
 TRAINER_OUTPUTS = (
@@ -59,22 +59,6 @@ def has_checkpoint_folders(run_dir: Path) -> bool:
     from trainers.checkpoint import step_folders
 
     return bool(step_folders(run_dir))
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's complete events (a line cut short is skipped)."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events
 
 
 def finished_event(run_dir: Path) -> dict[str, Any] | None:
