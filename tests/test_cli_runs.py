@@ -70,11 +70,18 @@ def _config_file(tmp_path: Path, model: Path, dataset: Path, name: str = "run", 
     return path
 
 
-def _failed_attempt(tmp_path: Path, weightless_model: Path, dataset: Path) -> Path:
+def _failed_attempt(tmp_path: Path, weightless_model: Path, dataset: Path, capsys) -> Path:
     """`train` that fails after it started (loading the model), before any checkpoint."""
-    with pytest.raises(RuntimeError, match="could not load an SDXL pipeline"):
-        cli(["train", str(_config_file(tmp_path, weightless_model, dataset, file="bad.toml"))])
+    assert cli(["train", str(_config_file(tmp_path, weightless_model, dataset, file="bad.toml"))]) == 1
     run_dir = tmp_path / "runs" / "run"
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback (most recent call last):" in err and err[-2].startswith(
+        "error: RuntimeError: model.path"
+    )
+    assert err[-1] == (
+        f"{run_dir}: no checkpoint was saved, so nothing is lost: fix the config, then run `train` again (the "
+        f"same name starts over) or `python -m trainers resume {run_dir} --config FILE`"
+    )
     assert read_events(run_dir)[-1]["type"] == "error"
     assert not (run_dir / "checkpoints").exists()
     return run_dir
@@ -88,7 +95,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_train_again_after_a_failed_start_starts_over_and_keeps_the_old_files(
     tmp_path, tiny_model, weightless_model, dataset, capsys
 ) -> None:
-    run_dir = _failed_attempt(tmp_path, weightless_model, dataset)
+    run_dir = _failed_attempt(tmp_path, weightless_model, dataset, capsys)
     (run_dir / "train.log").write_text("the UI's log of this folder\n")  # files the UI keeps there stay
     old = _tree(run_dir)
     capsys.readouterr()
@@ -117,7 +124,7 @@ def test_a_wrong_path_leaves_no_run_folder_behind(tmp_path, tiny_model) -> None:
 def test_resume_of_a_failed_start_takes_the_fixed_config(
     tmp_path, tiny_model, weightless_model, dataset, capsys
 ) -> None:
-    run_dir = _failed_attempt(tmp_path, weightless_model, dataset)
+    run_dir = _failed_attempt(tmp_path, weightless_model, dataset, capsys)
     fixed = _config_file(tmp_path, tiny_model, dataset, name="other-name", file="fixed.toml")
 
     assert cli(["resume", str(run_dir), "--config", str(fixed)]) == 0
@@ -204,3 +211,42 @@ def test_export_names_the_files_and_their_use(finished_run, capsys) -> None:
     assert cli(["export", str(finished_run), "--format", "diffusers"]) == 0
     out = capsys.readouterr().out
     assert "run-step000002-diffusers.safetensors  (diffusers format)" in out and "load_lora_weights" in out
+
+
+def test_check_says_what_train_would_do_with_a_taken_name(finished_run, tmp_path, capsys) -> None:
+    capsys.readouterr()
+    assert cli(["check", str(tmp_path / "c.toml")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {finished_run} already holds a finished run (step 2): `train` refuses this name" in out
+
+
+def test_resume_refuses_set_without_config(finished_run, capsys) -> None:
+    capsys.readouterr()
+    assert cli(["resume", str(finished_run), "--set", "training.max_steps=9"]) == 2
+    assert "--set goes with --config" in capsys.readouterr().err
+
+
+def test_resume_of_a_bare_name_lists_the_runs_folder(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "config.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["resume", "demo"]) == 2
+    assert "no such run: demo (not a folder); runs in runs: runs/demo." in capsys.readouterr().err
+
+
+def test_a_second_trainer_in_a_busy_folder_is_refused_and_moves_nothing(
+    tmp_path, tiny_model, dataset, capsys
+) -> None:
+    from trainers.run_folder import trainer_lock
+
+    run_dir = tmp_path / "runs" / "run"
+    config = _config_file(tmp_path, tiny_model, dataset)
+    with trainer_lock(run_dir):  # what a running trainer holds (the system drops it when that process ends)
+        (run_dir / "events.jsonl").write_text('{"type": "start", "step": 0}\n')
+        (run_dir / "config.toml").write_text(config.read_text())
+        before = _tree(run_dir)
+        assert cli(["train", str(config)]) == 2
+        assert cli(["resume", str(run_dir)]) == 2
+        assert _tree(run_dir) == before and not list(run_dir.glob("attempt-*"))
+    err = capsys.readouterr().err
+    assert err.count(f"error: a trainer is running in {run_dir} now") == 2

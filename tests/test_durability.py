@@ -138,9 +138,19 @@ def test_kill_while_writing_a_checkpoint_then_while_rewriting_events(tmp_path, r
     assert_same_run(run_dir, reference)
 
 
-def test_kill_while_resaving_a_finished_run_keeps_its_checkpoint(tmp_path, reference) -> None:
-    run_dir = tmp_path / "r"
+def _killed_before_done(reference: Path, run_dir: Path) -> Path:
+    """A copy of the finished reference killed after its final checkpoint, before its `done` event: resume
+    saves the final checkpoint again (a finished run, with its `done` event, is left alone)."""
     shutil.copytree(reference, run_dir)
+    events = run_dir / "events.jsonl"
+    lines = events.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert json.loads(lines[-1])["type"] == "done"
+    events.write_text("".join(lines[:-1]), encoding="utf-8")
+    return run_dir
+
+
+def test_kill_while_resaving_a_finished_run_keeps_its_checkpoint(tmp_path, reference) -> None:
+    run_dir = _killed_before_done(reference, tmp_path / "r")
     # keep_last = 1: the final step-000006 is the only checkpoint, and resume saves it again
     killed_at("checkpoint-write:1", "resume", str(run_dir))
     training.resume(run_dir)
@@ -185,8 +195,7 @@ def test_kill_at_each_point_of_a_run(tmp_path, reference, fault) -> None:
     ],
 )
 def test_kill_at_each_point_of_resuming_a_finished_run(tmp_path, reference, fault) -> None:
-    run_dir = tmp_path / "r"
-    shutil.copytree(reference, run_dir)
+    run_dir = _killed_before_done(reference, tmp_path / "r")
     killed_at(fault, "resume", str(run_dir))
     training.resume(run_dir)
     assert [e for e in read_events(run_dir) if e["type"] == "resumed"][-1]["step"] == 6

@@ -9,6 +9,7 @@ _CLI_SIGNAL_HANDLERS = stop.install() if __name__ == "__main__" else {}
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from trainers import quiet_warnings, run_folder  # noqa: E402
@@ -95,6 +96,9 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     print(summary)
+    note = run_folder.name_note(config.run_dir)
+    if note:
+        print(note)
     print(f"{args.config}: ok")
     return 0
 
@@ -105,14 +109,35 @@ def _command(args: argparse.Namespace, training) -> int:
     if args.gpus is not None:
         return _launch_on_gpus(args)
     if args.command == "train":
-        run_dir = training.train(load_checked(args.config, args.set))
+        config = load_checked(args.config, args.set)
+        run_dir = config.run_dir
+
+        def run() -> Path:
+            return training.train(config)
     else:
+        if args.set and args.config is None:
+            raise ConfigError(
+                ["--set: resume continues with the run's own config.toml; --set goes with --config"]
+            )
         done = run_folder.finished_event(args.run_dir) if args.config is None else None
         if done is not None:
             print(f"{args.run_dir} is finished (step {done.get('step')}); nothing to resume")
             print("\n".join(run_folder.lora_usage_lines(done.get("exported", []))))
             return 0
-        run_dir = training.resume(args.run_dir, args.config, args.set)
+        run_dir = args.run_dir
+
+        def run() -> Path:
+            return training.resume(args.run_dir, args.config, args.set)
+
+    try:
+        run_dir = run()
+    except (ConfigError, OSError, ValueError, KeyboardInterrupt, training.TrainingError):
+        raise  # main() and _run() print these in a line
+    except Exception as error:  # the run failed: the traceback, then what happened and what next
+        traceback.print_exc()
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        print("\n".join(run_folder.failure_lines(run_dir)), file=sys.stderr)
+        return 1
     print("\n".join(run_folder.outcome_lines(run_dir)))
     return 0
 

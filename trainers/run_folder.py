@@ -4,19 +4,24 @@ that exist, and the closing lines that name the LoRA files and how to use them.
 A run folder that never reached a checkpoint holds nothing a new run could continue, so `train` of the
 same name starts over; what the earlier attempt wrote is moved aside into `attempt-<time>/` inside the
 folder (one rename per entry, nothing deleted), and files the UI keeps there (its log, its pid) stay.
+A trainer holds a lock on its folder while it works, so this never happens under a running one.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers.config import TrainConfig
+from trainers.control import ControlChannel, ControlError
+from trainers.events import EVENTS_FILE, read_events
+
 CONFIG_FILE = "config.toml"
-EVENTS_FILE = "events.jsonl"  # trainers/events.py's, repeated so this module imports no torch
 CHECKPOINTS = "checkpoints"
 # What a trainer writes into its run folder: moved aside together when a run without checkpoint restarts.
 TRAINER_OUTPUTS = (
@@ -29,6 +34,7 @@ TRAINER_OUTPUTS = (
     CHECKPOINTS,
 )
 ATTEMPT_PREFIX = "attempt-"
+DEFAULT_OUTPUT_DIR = TrainConfig.model_fields["output_dir"].default
 
 
 class RunFolderError(ValueError):
@@ -53,22 +59,6 @@ def has_checkpoint_folders(run_dir: Path) -> bool:
     from trainers.checkpoint import step_folders
 
     return bool(step_folders(run_dir))
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's complete events (a line cut short is skipped)."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events
 
 
 def finished_event(run_dir: Path) -> dict[str, Any] | None:
@@ -98,8 +88,10 @@ def existing_runs(output_dir: Path) -> list[Path]:
 def no_such_run(run_dir: Path) -> RunFolderError:
     """The refusal for a run folder that holds no run, listing the runs next to it."""
     run_dir = Path(run_dir)
-    runs = existing_runs(run_dir.parent)
-    where = run_dir.parent if str(run_dir.parent) not in ("", ".") else Path(".")
+    where = run_dir.parent
+    runs = existing_runs(where)
+    if not runs and existing_runs(Path(DEFAULT_OUTPUT_DIR)):  # `resume demo` meant runs/demo
+        where, runs = Path(DEFAULT_OUTPUT_DIR), existing_runs(Path(DEFAULT_OUTPUT_DIR))
     if runs:
         listed = ", ".join(str(p) for p in runs)
         known = f"runs in {where}: {listed}"
@@ -129,6 +121,42 @@ def missing_checkpoint(run_dir: Path, step: int) -> RunFolderError:
     else:
         known = "it holds no checkpoint yet"
     return RunFolderError(f"--checkpoint {step}: {run_dir} has no checkpoint at step {step}; {known}")
+
+
+def name_note(run_dir: Path) -> str | None:
+    """What `train` would do with this config's run folder, when it is not simply free."""
+    run_dir = Path(run_dir)
+    if has_checkpoint_folders(run_dir):
+        done = finished_event(run_dir)
+        what = f"a finished run (step {done.get('step')})" if done else "a run with checkpoints"
+        return (
+            f"note: {run_dir} already holds {what}: `train` refuses this name; choose another "
+            f"(--set name=...){'' if done else f' or continue it with `python -m trainers resume {run_dir}`'}"
+        )
+    if holds_trainer_output(run_dir):
+        return f"note: {run_dir} holds an attempt without checkpoint: `train` starts over (its files are kept aside)"
+    return None
+
+
+# ---------------------------------------------------------------- one trainer per folder
+@contextlib.contextmanager
+def trainer_lock(run_dir: Path) -> Iterator[ControlChannel]:
+    """Held while `train` or `resume` works in `run_dir`, so a second one there is refused instead of
+    moving or rewriting the first one's files; the system releases it when the process ends, however.
+    It is the lock `trainers control` and the UI read as "running", and it yields the run's control channel.
+    """
+    channel = ControlChannel(run_dir)
+    try:
+        channel.acquire()
+    except ControlError:
+        raise RunFolderError(
+            f"a trainer is running in {run_dir} now; wait for it to end, or stop it (Ctrl-C in its "
+            "terminal, Stop in the UI), then try again"
+        ) from None
+    try:
+        yield channel
+    finally:
+        channel.release()
 
 
 # ---------------------------------------------------------------- starting over
@@ -181,6 +209,21 @@ def outcome_lines(run_dir: Path) -> list[str]:
             *ui_lines(),
         ]
     return [f"run folder: {run_dir}", *ui_lines()]
+
+
+def failure_lines(run_dir: Path) -> list[str]:
+    """What to do after a run failed with an error (its error event holds the message)."""
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
+    if steps:
+        return [
+            f"{run_dir}: the last checkpoint is step {steps[-1]}; fix the cause, then continue with "
+            f"`python -m trainers resume {run_dir}`"
+        ]
+    return [
+        f"{run_dir}: no checkpoint was saved, so nothing is lost: fix the config, then run `train` again (the "
+        f"same name starts over) or `python -m trainers resume {run_dir} --config FILE`"
+    ]
 
 
 def lora_usage_lines(files: list[str] | list[Path]) -> list[str]:

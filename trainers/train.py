@@ -117,11 +117,14 @@ def train(config: TrainConfig) -> Path:
     problems = config_problems(config)
     if problems:  # before the run folder is touched: a wrong path leaves nothing behind
         raise ConfigError(problems)
+    parallel = from_environment()
+    held = contextlib.ExitStack()  # process 0's lock on the run folder, until the run ends
 
-    def make_run_folder() -> None:
+    def make_run_folder() -> ControlChannel:
+        controls = held.enter_context(run_folder.trainer_lock(run_dir))
+        recover_run_folder(run_dir)  # first: a checkpoint caught between two renames is put back in place
         if run_folder.has_checkpoint_folders(run_dir):
             raise ConfigError([_occupied_message(run_dir)])
-        recover_run_folder(run_dir)
         moved = run_folder.set_aside_attempt(run_dir)
         if moved is not None:
             print(
@@ -129,14 +132,14 @@ def train(config: TrainConfig) -> Path:
                 f"its files are in {moved.folder}",
                 file=sys.stderr,
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
+        return controls
 
-    parallel = from_environment()
     try:
-        parallel.main_only(make_run_folder, failure=TrainingError)
-        return Trainer(config, parallel=parallel).run(resume_from=None)
+        controls = parallel.main_only(make_run_folder, failure=TrainingError)
+        return Trainer(config, parallel=parallel, controls=controls).run(resume_from=None)
     finally:
+        held.close()
         parallel.close()
 
 
@@ -168,6 +171,42 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
         run_folder.require_run(run_dir)
     if config_path is None and run_folder.finished_event(run_dir) is not None:
         return run_dir
+    parallel = from_environment()
+    held = contextlib.ExitStack()  # process 0's lock on the run folder, until the run ends
+
+    def take_run_folder() -> ControlChannel:
+        controls = held.enter_context(run_folder.trainer_lock(run_dir))
+        recover_run_folder(run_dir)
+        return controls
+
+    try:
+        controls = parallel.main_only(take_run_folder, failure=TrainingError)
+        config = _resume_config(run_dir, config_path, overrides)
+        if config_path is not None:
+            parallel.main_only(
+                lambda: atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config))),
+                failure=TrainingError,
+            )
+        checkpoints = list_checkpoints(run_dir)
+        resume_from = checkpoints[-1][1] if checkpoints else None
+        if not parallel.same_on_all_ranks([checkpoints[-1][0] if checkpoints else -1]):
+            raise TrainingError(
+                f"the processes find different checkpoints in {run_dir}: on several machines the run "
+                "folder (output_dir) must be on a filesystem they all share"
+            )
+        warnings = [
+            f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
+            for problem in broken_checkpoints(run_dir)
+        ]
+        trainer = Trainer(config, run_dir=run_dir, parallel=parallel, controls=controls)
+        return trainer.run(resume_from, warnings)
+    finally:
+        held.close()
+        parallel.close()
+
+
+def _resume_config(run_dir: Path, config_path: Path | None, overrides: Sequence[str]) -> TrainConfig:
+    """The config a resume continues with: the run's own, or `config_path` for a run without checkpoints."""
     checkpoints = list_checkpoints(run_dir)
     if config_path is not None:
         if checkpoints:
@@ -182,41 +221,19 @@ def resume(run_dir: Path, config_path: Path | None = None, overrides: Sequence[s
         problems = config_problems(config)
         if problems:
             raise ConfigError(problems)
-    else:
-        config = load_config(run_dir / CONFIG_FILE)
-        problems = [] if checkpoints else config_problems(config)
-        if problems:
-            raise ConfigError(
-                [
-                    *problems,
-                    f"{run_dir} has no checkpoint yet, so nothing is lost by fixing its config: give the fixed "
-                    f"file with `python -m trainers resume {run_dir} --config FILE`, or `train` it again "
-                    "(the same name starts over)",
-                ]
-            )
-
-    def prepare_run_folder() -> None:
-        recover_run_folder(run_dir)
-        if config_path is not None:
-            atomic_write_text(run_dir / CONFIG_FILE, dump_config(resolved_config(config)))
-
-    parallel = from_environment()
-    try:
-        parallel.main_only(prepare_run_folder, failure=TrainingError)
-        checkpoints = list_checkpoints(run_dir)
-        resume_from = checkpoints[-1][1] if checkpoints else None
-        if not parallel.same_on_all_ranks([checkpoints[-1][0] if checkpoints else -1]):
-            raise TrainingError(
-                f"the processes find different checkpoints in {run_dir}: on several machines the run "
-                "folder (output_dir) must be on a filesystem they all share"
-            )
-        warnings = [
-            f"checkpoint {problem}; resuming from {resume_from or 'the start'} instead"
-            for problem in broken_checkpoints(run_dir)
-        ]
-        return Trainer(config, run_dir=run_dir, parallel=parallel).run(resume_from, warnings)
-    finally:
-        parallel.close()
+        return config
+    config = load_config(run_dir / CONFIG_FILE)
+    problems = [] if checkpoints else config_problems(config)
+    if problems:
+        raise ConfigError(
+            [
+                *problems,
+                f"{run_dir} has no checkpoint yet, so nothing is lost by fixing its config: give the fixed "
+                f"file with `python -m trainers resume {run_dir} --config FILE`, or `train` it again "
+                "(the same name starts over)",
+            ]
+        )
+    return config
 
 
 def _config_for_folder(config: TrainConfig, run_dir: Path) -> TrainConfig:
@@ -232,12 +249,19 @@ def check(config: TrainConfig) -> tuple[list[str], str]:
 
 class Trainer:
     def __init__(
-        self, config: TrainConfig, run_dir: Path | None = None, parallel: DataParallel | None = None
+        self,
+        config: TrainConfig,
+        run_dir: Path | None = None,
+        parallel: DataParallel | None = None,
+        controls: ControlChannel | None = None,
     ) -> None:
+        """`controls`: the run folder's lock as `train`/`resume` hold it; without it, `run` takes it."""
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
         self.parallel = parallel or DataParallel()  # this process's rank among the run's processes
         self.device = self.parallel.device
+        self.controls = controls or ControlChannel(self.run_dir)
+        self._owns_lock = controls is None
 
     @property
     def stop_requested(self) -> bool:
@@ -246,9 +270,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, resume_from: Path | None, warnings: Sequence[str] = ()) -> Path:
         """Train to the end (or to a stop request); `warnings` are reported as events first."""
-        self.controls = ControlChannel(self.run_dir)
         try:
-            if self.parallel.is_main:  # process 0 holds the lock and reads requests for all processes
+            if self._owns_lock and self.parallel.is_main:  # process 0 holds it and reads the requests
                 self.controls.acquire()  # from here on the run counts as running for `trainers control`
         except ControlError as error:
             raise TrainingError(str(error)) from None
@@ -278,7 +301,8 @@ class Trainer:
                     if self.parallel.is_main:
                         self._refuse_controls("the run ended before acting on it")
                     events.close()
-            self.controls.release()
+            if self._owns_lock:
+                self.controls.release()
         return self.run_dir
 
     def _report(self, event_type: str, **fields) -> None:
