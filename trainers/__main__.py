@@ -77,7 +77,7 @@ def _command(args: argparse.Namespace, training) -> int:
         print(f"{args.config}: ok")
         return 0
     if args.command in ("train", "resume") and args.gpus is not None:
-        return _launch_on_gpus(args)
+        return _launch_on_gpus(args, training)
     if args.command == "train":
         run_dir = training.train(load_config(args.config, args.set))
         print(f"run folder: {run_dir}")
@@ -97,7 +97,7 @@ def _command(args: argparse.Namespace, training) -> int:
     return 0
 
 
-def _launch_on_gpus(args: argparse.Namespace) -> int:
+def _launch_on_gpus(args: argparse.Namespace, training) -> int:
     """Check everything a run on --gpus N needs, then start N processes through accelerate."""
     from trainers import distributed
     from trainers.checkpoint import list_checkpoints, saved_trainer_state
@@ -120,6 +120,10 @@ def _launch_on_gpus(args: argparse.Namespace) -> int:
     problems += config_problems(config)
     if problems:
         raise ConfigError(problems)
+    if args.gpus == 1:  # one process needs no launcher
+        run_dir = training.train(config) if args.command == "train" else training.resume(args.run_dir)
+        print(f"run folder: {run_dir}")
+        return 0
     command = distributed.launch_command(trainer_args, args.gpus, distributed.free_port())
     return distributed.run_launched(command)
 
