@@ -455,6 +455,13 @@ def test_gpus_flag_starts_accelerate_for_train_and_resume(
     assert cli(["resume", str(run_dir), "--gpus", "2"]) == 0
     assert started[0][started[0].index("trainers") :] == ["trainers", "resume", str(run_dir)]
 
+    # one GPU needs no launcher: the run starts in this process
+    from trainers import train as training
+
+    monkeypatch.setattr(training, "train", lambda config: started.append(config.name) or tmp_path)
+    assert cli(["train", str(config), "--gpus", "1", "--set", "name=other"]) == 0
+    assert started[-1] == "other" and len(started) == 2
+
 
 if __name__ == "__main__":
     _optimizer_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

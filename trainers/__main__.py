@@ -107,7 +107,9 @@ def _command(args: argparse.Namespace, training) -> int:
     from trainers.checks import load_checked
 
     if args.gpus is not None:
-        return _launch_on_gpus(args)
+        launched = _launch_on_gpus(args)
+        if launched is not None:
+            return launched
     if args.command == "train":
         config = load_checked(args.config, args.set)
         run_dir = config.run_dir
@@ -174,8 +176,9 @@ def _control(run_dir: Path, action: str) -> int:
     return 0
 
 
-def _launch_on_gpus(args: argparse.Namespace) -> int:
-    """Check everything a run on --gpus N needs, then start N processes through accelerate."""
+def _launch_on_gpus(args: argparse.Namespace) -> int | None:
+    """Check everything a run on --gpus N needs, then start N processes through accelerate (their exit
+    status); None for --gpus 1, which trains in this process."""
     from trainers import distributed
     from trainers.checkpoint import list_checkpoints, saved_trainer_state
     from trainers.checks import config_problems, distributed_problems, load_checked
@@ -201,6 +204,8 @@ def _launch_on_gpus(args: argparse.Namespace) -> int:
     problems += config_problems(config)
     if problems:
         raise ConfigError(problems)
+    if args.gpus == 1:  # one process needs no launcher
+        return None
     command = distributed.launch_command(trainer_args, args.gpus, distributed.free_port())
     return distributed.run_launched(command)
 
