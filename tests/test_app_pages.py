@@ -424,3 +424,13 @@ def test_a_refused_start_leaves_the_name_as_typed(tmp_path, monkeypatch):
     text, run_dir, name, *_ = run._start(ctx, tuple(values))
     assert text.startswith(run.NOT_STARTED) and "dataset.path" in text
     assert isinstance(run_dir, type(gr.skip())) and isinstance(name, type(gr.skip()))
+
+
+def test_the_bucket_chart_counts_from_zero(tmp_path):
+    """Gradio's plots start the y axis at the data's lowest value: a dataset whose buckets all hold 12
+    images drew a zero-height bar on an axis from 12 to 12 (the browser test measures the bar)."""
+    from app.ui import build_ui
+
+    demo = build_ui(runs_dir=tmp_path / "runs")
+    chart = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "bucket-plot")
+    assert chart.y_lim == [0, None]
