@@ -40,9 +40,24 @@ class RunnerError(RuntimeError):
 
 
 # ---------------------------------------------------------------- commands
-def trainer_command(action: str, target: Path) -> list[str]:
-    """[python, -m, trainers, action, target]: the argument list a trainer is started with."""
-    return [sys.executable, "-m", "trainers", action, str(target)]
+def trainer_command(action: str, target: Path, gpus: int = 1) -> list[str]:
+    """[python, -m, trainers, action, target]: the argument list a trainer is started with; on several
+    GPUs of this machine, `--gpus N` (the trainer starts one process per GPU through accelerate)."""
+    return [
+        sys.executable,
+        "-m",
+        "trainers",
+        action,
+        str(target),
+        *(["--gpus", str(gpus)] if gpus > 1 else []),
+    ]
+
+
+def gpu_count() -> int:
+    """CUDA devices this machine has (0 without CUDA): the UI offers a GPU count where there are two or more."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @contextlib.contextmanager
@@ -61,7 +76,7 @@ def runs_lock(runs_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def start_run(config: TrainConfig, allow_parallel: bool = False) -> Path:
+def start_run(config: TrainConfig, allow_parallel: bool = False, gpus: int = 1) -> Path:
     """Write the config into its run folder and start `python -m trainers train` on it; returns the folder.
 
     Raises RunnerError if another run in the runs folder is training (unless `allow_parallel`), the folder
@@ -80,11 +95,11 @@ def start_run(config: TrainConfig, allow_parallel: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         request = run_dir / REQUEST_FILE
         atomic_write_text(request, dump_config(config))
-        _spawn(trainer_command("train", request), run_dir)
+        _spawn(trainer_command("train", request, gpus), run_dir)
     return run_dir
 
 
-def resume_run(run_dir: Path, allow_parallel: bool = False) -> Path:
+def resume_run(run_dir: Path, allow_parallel: bool = False, gpus: int = 1) -> Path:
     """Start `python -m trainers resume RUN_DIR`; returns the folder. Raises RunnerError if it cannot.
 
     Checked and spawned under runs_lock, as start_run.
@@ -99,7 +114,7 @@ def resume_run(run_dir: Path, allow_parallel: bool = False) -> Path:
                 f"{run_dir.name} has nothing to resume: its trainer stopped before it wrote config.toml "
                 "(see its train.log). Start it again from the Setup tab; the same name is fine."
             )
-        _spawn(trainer_command("resume", run_dir), run_dir)
+        _spawn(trainer_command("resume", run_dir, gpus), run_dir)
     return run_dir
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import runner
 from app.dataset_files import default_datasets_dir
 from app.pages import dataset, export, run, runs, setup
 from app.pages.common import UiContext
@@ -54,6 +55,7 @@ def build_ui(
         allow_parallel_runs=allow_parallel_runs,
         configs_dir=configs_path,
         datasets_dir=default_datasets_dir(runs_path),
+        gpus_present=runner.gpu_count(),
     )
     with gr.Blocks(title="ppsf-trainer") as demo:
         gr.Markdown(f"# ppsf-trainer\nLoRA training with Prodigy + ScheduleFree. Runs live in `{runs_path}`.")

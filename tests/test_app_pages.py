@@ -359,7 +359,7 @@ def test_start_with_a_taken_name_starts_under_a_free_one(tmp_path, monkeypatch):
     _run(ctx.runs_dir, "demo", STOPPED)
     started = []
 
-    def start_run(config, allow_parallel=False):
+    def start_run(config, allow_parallel=False, gpus=1):
         started.append(config)
         return config.run_dir
 
@@ -434,3 +434,34 @@ def test_the_bucket_chart_counts_from_zero(tmp_path):
     demo = build_ui(runs_dir=tmp_path / "runs")
     chart = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "bucket-plot")
     assert chart.y_lim == [0, None]
+
+
+# ---------------------------------------------------------------- several GPUs
+def test_a_run_on_several_gpus_starts_the_trainer_with_gpus(tmp_path, monkeypatch):
+    """With two or more GPUs here, Start and Resume pass Setup's GPU count on as `--gpus N` (issue 12)."""
+    from app.pages import run
+
+    assert runner.trainer_command("train", Path("c.toml"))[-1] == "c.toml"
+    assert runner.trainer_command("resume", Path("r"), 3)[-2:] == ["--gpus", "3"]
+    spawned = []
+    monkeypatch.setattr(runner, "_spawn", lambda command, run_dir: spawned.append(command) or 1)
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    ctx = UiContext(**{**_ctx(tmp_path).__dict__, "gpus_present": 4})
+    values = setup.preset_values(ctx, "demo")
+    text, run_dir, *_ = run._start(ctx, tuple(values), 2)
+    assert "Started" in text and spawned[-1][-2:] == ["--gpus", "2"]
+    run._start(ctx, tuple(values), 9)  # more than are here: all of them
+    assert spawned[-1][-2:] == ["--gpus", "4"]
+    one_gpu = _ctx(tmp_path)  # fewer than two GPUs: the field is hidden and a run is one process
+    run._start(one_gpu, tuple(values), 2)
+    assert "--gpus" not in spawned[-1]
+
+
+def test_the_gpu_count_is_offered_only_where_there_are_several(tmp_path, monkeypatch):
+    from app import ui
+
+    for present, visible in ((0, False), (1, False), (2, True)):
+        monkeypatch.setattr(runner, "gpu_count", lambda present=present: present)
+        demo = ui.build_ui(tmp_path / f"runs-{present}", REPO / "presets")
+        (gpus,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "gpus"]
+        assert gpus.visible is visible

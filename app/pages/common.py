@@ -27,6 +27,7 @@ class UiContext:
     allow_parallel_runs: bool
     configs_dir: Path  # the only folder "Save to file" writes to and, with presets_dir, "Load file" reads
     datasets_dir: Path | None = None  # where uploaded datasets go; None: datasets/ beside the runs folder
+    gpus_present: int = 0  # CUDA devices here; with two or more, Setup offers how many a run uses
     specs: list[form.FieldSpec] = field(default_factory=form.form_fields)
 
 

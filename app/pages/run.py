@@ -99,21 +99,21 @@ def build(
     outputs += [message, shown_alive]
 
     start.click(
-        lambda *values: _start(ctx, values),
-        setup.fields,
+        lambda *values: _start(ctx, values[:-1], values[-1]),
+        [*setup.fields, setup.gpus],
         [message, current_run, setup.name, *setup.marks],
         api_name="start",
     )
 
     def start_from_setup(*values: Any) -> list[Any]:
-        text, run_dir, name, *problem_marks = _start(ctx, values)
+        text, run_dir, name, *problem_marks = _start(ctx, values[:-1], values[-1])
         if not isinstance(run_dir, str):
             return [text, gr.skip(), gr.skip(), name, gr.skip(), *problem_marks]
         return ["", text, run_dir, name, gr.Tabs(selected="run"), *problem_marks]
 
     setup.start.click(
         start_from_setup,
-        setup.fields,
+        [*setup.fields, setup.gpus],
         [setup.message, message, current_run, setup.name, tabs, *setup.marks],
         api_name="start_from_setup",
     )
@@ -136,7 +136,12 @@ def build(
         [message, kill_row],
         api_name="kill",
     )
-    resume.click(lambda current: _resume(ctx, current), current_run, message, api_name="resume")
+    resume.click(
+        lambda current, gpus: _resume(ctx, current, gpus),
+        [current_run, setup.gpus],
+        message,
+        api_name="resume",
+    )
 
     def refresh(current: str, sig: str, keys: list[str], alive: bool) -> Iterator[list[Any]]:
         yield from _refresh_run(ctx, current, sig, keys, alive)
@@ -198,7 +203,12 @@ def _refresh_run(
     ]
 
 
-def _start(ctx: UiContext, values: tuple) -> list[Any]:
+def _gpus(ctx: UiContext, asked: float | None) -> int:
+    """The GPU count a run starts on: what Setup asks, within the GPUs here (1 where there are fewer than 2)."""
+    return min(max(int(asked or 1), 1), ctx.gpus_present) if ctx.gpus_present > 1 else 1
+
+
+def _start(ctx: UiContext, values: tuple, gpus: float | None = 1) -> list[Any]:
     """Updates for the message, the run shown, the name field and the Setup problem marks.
 
     A name whose folder already holds a run gets the next free one (demo-2) rather than a refusal.
@@ -214,7 +224,7 @@ def _start(ctx: UiContext, values: tuple) -> list[Any]:
         # the name stays as typed: changing it would count as an edit and clear this refusal
         return [text, gr.skip(), gr.skip(), *marks(ctx, problems)]
     try:
-        run_dir = runner.start_run(config, ctx.allow_parallel_runs)
+        run_dir = runner.start_run(config, ctx.allow_parallel_runs, _gpus(ctx, gpus))
     except runner.RunnerError as error:
         return [f"{NOT_STARTED}:** {error}", gr.skip(), name, *marks(ctx, [])]
     text = f"Started **{run_dir.name}**; the plots fill in as it trains." + (f" {note}" if note else "")
@@ -261,12 +271,12 @@ def _kill(ctx: UiContext, current: str) -> str:
     return f"Killed **{run_dir.name}** without saving; Resume continues from its last checkpoint."
 
 
-def _resume(ctx: UiContext, current: str) -> str:
+def _resume(ctx: UiContext, current: str, gpus: float | None = 1) -> str:
     run_dir = _current(ctx, current)
     if run_dir is None:
         return "No run to resume."
     try:
-        runner.resume_run(run_dir, ctx.allow_parallel_runs)
+        runner.resume_run(run_dir, ctx.allow_parallel_runs, _gpus(ctx, gpus))
     except runner.RunnerError as error:
         return f"**Not resumed:** {error}"
     checkpoints = list_checkpoints(run_dir)

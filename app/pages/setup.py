@@ -65,6 +65,7 @@ class SetupTab:
     saved_form: gr.BrowserState  # the form as this browser last had it (local storage)
     vram: gr.Number  # the card to judge the memory estimate against
     memory: gr.Markdown  # the memory estimate of the form's config
+    gpus: gr.Number  # how many GPUs Start and Resume use (shown only where there are two or more)
     start: gr.Button  # starts the form's config (wired by the Run page, which shows the run)
     name: Any  # the run name's widget (Start may propose a free name in it)
 
@@ -105,6 +106,17 @@ def build(ctx: UiContext) -> SetupTab:
             info="Empty: the GPU here, if any. The estimate says whether the config fits it.",
             minimum=0,
             elem_id="vram",
+            scale=1,
+        )
+        gpus = gr.Number(
+            1,
+            label="GPUs",
+            info=f"Processes, one per GPU ({ctx.gpus_present} here); training.batch_size is per GPU.",
+            minimum=1,
+            maximum=max(ctx.gpus_present, 1),
+            precision=0,
+            visible=ctx.gpus_present > 1,
+            elem_id="gpus",
             scale=1,
         )
         memory = gr.Markdown(MEMORY_PENDING, elem_id="setup-memory")
@@ -171,6 +183,7 @@ def build(ctx: UiContext) -> SetupTab:
         saved_form=saved_form,
         vram=vram,
         memory=memory,
+        gpus=gpus,
         start=start,
         name=widgets["name"],
     )
