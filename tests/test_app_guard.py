@@ -168,7 +168,7 @@ RACE_TRIALS = 12
 HARMLESS = "import sys, time; time.sleep(60)"  # argv still holds "trainers", so it counts as one
 
 
-def _harmless_command(action: str, target: Path) -> list[str]:
+def _harmless_command(action: str, target: Path, gpus: int = 1) -> list[str]:
     return [sys.executable, "-c", HARMLESS, "trainers", action, str(target)]
 
 
@@ -257,7 +257,7 @@ def test_the_lock_holds_against_another_ui_process(tmp_path, monkeypatch):
     released = tmp_path / "released"
     seen_release: list[bool] = []
 
-    def command(action: str, target: Path) -> list[str]:
+    def command(action: str, target: Path, gpus: int = 1) -> list[str]:
         seen_release.append(released.exists())
         return _harmless_command(action, target)
 
@@ -326,7 +326,7 @@ def sent_signals(monkeypatch):
     return sent
 
 
-def _ignoring_trainer(action: str, target: Path) -> list[str]:
+def _ignoring_trainer(action: str, target: Path, gpus: int = 1) -> list[str]:
     return [sys.executable, "-c", IGNORES_SIGINT, "trainers", action, str(target)]
 
 
