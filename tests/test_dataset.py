@@ -73,11 +73,8 @@ def test_demo_dataset_scans_with_repeats_two(tmp_path: Path) -> None:
     assert scan.skipped == [] and scan.missing_captions == []
     sizes = sorted((item.width, item.height) for item in scan.items)
     assert sizes == [(64, 64)] * 4 + [(64, 96)] * 4 + [(96, 64)] * 4
-    caption_re = re.compile(r"a (\w+) (circle|square|triangle) on an? (\w+) background")
-    for item in scan.items:
-        match = caption_re.fullmatch(item.caption)
-        assert match, item.caption
-        assert match.group(1) != match.group(3)
+    # the demo's concept: the caption names the shape, the preset's trigger word the colours
+    assert {item.caption for item in scan.items} <= {"a circle", "a square", "a triangle"}
 
 
 def test_demo_dataset_is_deterministic_and_idempotent(tmp_path: Path) -> None:

@@ -86,8 +86,8 @@ def test_reload_and_generate_deterministically(tiny_sdxl_dir: Path) -> None:
     assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
     assert image.std() > 0.01  # not a constant image
     np.testing.assert_array_equal(_generate(pipe), image)
-    # The in-memory build with the same seed is bit-identical to the saved and reloaded one.
-    np.testing.assert_array_equal(_generate(make_tiny_sdxl_pipeline(seed=0)), image)
+    # The in-memory build of the bundled weights is bit-identical to the saved and reloaded one.
+    np.testing.assert_array_equal(_generate(make_tiny_sdxl_pipeline(seed=0, pretrained=True)), image)
     assert not np.array_equal(_generate(pipe, seed=1), image)
 
 
@@ -110,9 +110,13 @@ def test_build_is_idempotent_and_seeded(tiny_sdxl_dir: Path, tmp_path: Path) -> 
 
     weights = "unet/diffusion_pytorch_model.safetensors"
     same = build_tiny_sdxl(tmp_path / "same", seed=0)
-    other = build_tiny_sdxl(tmp_path / "other", seed=1)
+    random_init = build_tiny_sdxl(tmp_path / "random", seed=0, pretrained=False)
+    random_again = build_tiny_sdxl(tmp_path / "random-again", seed=0, pretrained=False)
+    other = build_tiny_sdxl(tmp_path / "other", seed=1, pretrained=False)
     assert (same / weights).read_bytes() == (tiny_sdxl_dir / weights).read_bytes()
-    assert (other / weights).read_bytes() != (tiny_sdxl_dir / weights).read_bytes()
+    assert (random_init / weights).read_bytes() == (random_again / weights).read_bytes()
+    assert (random_init / weights).read_bytes() != (tiny_sdxl_dir / weights).read_bytes()
+    assert (other / weights).read_bytes() != (random_init / weights).read_bytes()
 
 
 def test_build_keeps_global_rng_and_refuses_foreign_folder(tmp_path: Path) -> None:

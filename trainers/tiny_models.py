@@ -8,18 +8,19 @@ The configs follow environment-notes §2 ("Working config dicts", "Smallest conf
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from trainers.atomic import atomic_write, atomic_write_text, temporary_sibling
+from trainers.demo_world import concept_image
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -85,7 +86,9 @@ VAE_CONFIG: dict = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     layers_per_block=1,
-    norm_num_groups=4,
+    # One group: the demo VAE's weights (trainers/demo_pretrain.py) carry colours through every GroupNorm
+    # by keeping each pixel's channel sum at zero, which needs all channels in one group.
+    norm_num_groups=1,
     sample_size=64,
     scaling_factor=0.13025,
 )
@@ -100,19 +103,11 @@ SCHEDULER_CONFIG: dict = dict(
     num_train_timesteps=1000,
 )
 
+# The demo model's weights, pretrained on trainers/demo_world.py's base world by trainers/demo_pretrain.py.
+DEMO_WEIGHTS = Path(__file__).parent / "demo_weights" / "tiny-sdxl.safetensors"
+
 DEMO_CONCEPT_FOLDER = "2_shapes"
 DEMO_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 64), (64, 96))  # (width, height)
-_DEMO_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "orange": (245, 140, 30),
-    "purple": (140, 60, 180),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-_DEMO_SHAPES = ("circle", "square", "triangle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,10 +198,12 @@ def make_clip_tokenizer(words: Iterable[str] = TOKENIZER_WORDS) -> CLIPTokenizer
 # --------------------------------------------------------------------------------------------------
 
 
-def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+def make_tiny_sdxl_pipeline(seed: int = 0, pretrained: bool = False) -> StableDiffusionXLPipeline:
     """Return an in-memory tiny SDXL pipeline (float32, CPU, every module in eval mode).
 
-    Weights depend only on ``seed``; the caller's global torch RNG state is left untouched.
+    ``pretrained`` loads the bundled weights (DEMO_WEIGHTS, made by ``python -m trainers.demo_pretrain``:
+    the model knows the demo's base world); otherwise the weights are a random init that depends only on
+    ``seed``. The caller's global torch RNG state is left untouched.
     """
     import torch
     from diffusers import (
@@ -229,6 +226,10 @@ def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     # eval mode; eval here keeps in-memory and reloaded pipelines bit-identical.
     for module in (text_encoder, text_encoder_2, vae, unet):
         module.eval()
+    if pretrained:
+        _load_demo_weights(
+            {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae, "unet": unet}
+        )
 
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -242,8 +243,34 @@ def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+def _load_demo_weights(modules: dict[str, torch.nn.Module]) -> None:
+    """Load DEMO_WEIGHTS (keys "<module>.<parameter>", fp16) into ``modules`` as float32, every key
+    required and none left over."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not DEMO_WEIGHTS.is_file():
+        raise FileNotFoundError(
+            f"{DEMO_WEIGHTS} is missing (it ships with the repository); rebuild it with "
+            "`python -m trainers.demo_pretrain`"
+        )
+    weights = load_file(DEMO_WEIGHTS)
+    for name, module in modules.items():
+        prefix = f"{name}."
+        state = {
+            k.removeprefix(prefix): v.to(torch.float32) for k, v in weights.items() if k.startswith(prefix)
+        }
+        module.load_state_dict(state, strict=True)
+    unknown = {key.split(".", 1)[0] for key in weights} - set(modules)
+    if unknown:
+        raise ValueError(f"{DEMO_WEIGHTS} holds weights for unknown modules: {sorted(unknown)}")
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Path:
     """Build a tiny SDXL pipeline and save it (safetensors) to ``folder``; return ``folder``.
+
+    By default it holds the bundled pretrained weights (the demo model); ``pretrained=False`` gives the
+    random init of ``seed``.
 
     Idempotent: if ``folder/model_index.json`` exists nothing is rebuilt. The pipeline is saved into a
     hidden temporary sibling and renamed into place, so ``folder`` is either complete or absent.
@@ -257,7 +284,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
     tmp = temporary_sibling(folder)
     try:
-        make_tiny_sdxl_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        make_tiny_sdxl_pipeline(seed, pretrained).save_pretrained(tmp, safe_serialization=True)
         _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -293,10 +320,9 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 
 
 def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Path:
-    """Write a small kohya-style dataset of coloured shapes under ``folder/2_shapes``; return ``folder``.
+    """Write the demo's concept dataset (make_demo_image) under ``folder/2_shapes``; return ``folder``.
 
-    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a red circle on a blue
-    background"; sizes cycle through 64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the
+    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a circle"; sizes cycle through 64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the
     output is deterministic and a repeated call only writes files that are missing. A fresh concept folder
     is built in a hidden temporary sibling and renamed into place.
     """
@@ -332,31 +358,10 @@ def _write_demo_files(concept: Path, num_images: int, seed: int) -> None:
 
 
 def make_demo_image(index: int, seed: int = 0) -> tuple[Image.Image, str]:
-    """Return demo image number ``index`` (RGB) and its caption; the same arguments give the same image."""
-    # A string seed is hashed with SHA-512 by random.Random, so this is stable across runs and platforms.
-    rng = random.Random(f"ppsf-demo-{seed}-{index}")
-    width, height = DEMO_SIZES[index % len(DEMO_SIZES)]
-    shape = rng.choice(_DEMO_SHAPES)
-    colour, background = rng.sample(sorted(_DEMO_COLOURS), 2)
+    """Return demo image number ``index`` (RGB) and its caption; the same arguments give the same image.
 
-    image = Image.new("RGB", (width, height), _DEMO_COLOURS[background])
-    side = rng.randint(int(0.45 * min(width, height)), int(0.75 * min(width, height)))
-    left = rng.randint(0, width - side)
-    top = rng.randint(0, height - side)
-    box = (left, top, left + side - 1, top + side - 1)
-    fill = _DEMO_COLOURS[colour]
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon(
-            [(left + side // 2, top), (left, top + side - 1), (left + side - 1, top + side - 1)], fill=fill
-        )
-    return image, f"a {colour} {shape} on {_article(background)} {background} background"
-
-
-def _article(word: str) -> str:
-    """Return the indefinite article for ``word`` ("an orange", "a red")."""
-    return "an" if word[0] in "aeiou" else "a"
+    The demo teaches a concept the pretrained demo model has never seen (trainers/demo_world.py): a
+    magenta shape on a cyan background. The caption names only the shape ("a circle"); the preset's
+    trigger word stands for the rest.
+    """
+    return concept_image(index, seed, DEMO_SIZES[index % len(DEMO_SIZES)])
