@@ -93,6 +93,10 @@ def test_demo_dataset_is_deterministic_and_idempotent(tmp_path: Path) -> None:
     assert (first / "shape_000.png").stat().st_mtime_ns == mtimes["shape_000.png"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["2_shapes"]  # no temp folders left
 
+    (first / "shape_002.txt").write_text("a red circle on a blue background\n")  # an older release's demo
+    write_demo_dataset(tmp_path / "a", num_images=3, seed=5)
+    assert (first / "shape_002.txt").read_bytes() == (second / "shape_002.txt").read_bytes()
+
 
 def test_captions_from_side_files_and_metadata_jsonl(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")

@@ -7,6 +7,8 @@ The configs follow environment-notes §2 ("Working config dicts", "Smallest conf
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 from collections import Counter
@@ -105,6 +107,7 @@ SCHEDULER_CONFIG: dict = dict(
 
 # The demo model's weights, pretrained on trainers/demo_world.py's base world by trainers/demo_pretrain.py.
 DEMO_WEIGHTS = Path(__file__).parent / "demo_weights" / "tiny-sdxl.safetensors"
+WEIGHTS_MARKER = "demo_weights.txt"  # in a built folder: which weights it was built from
 
 DEMO_CONCEPT_FOLDER = "2_shapes"
 DEMO_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 64), (64, 96))  # (width, height)
@@ -272,25 +275,50 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Pat
     By default it holds the bundled pretrained weights (the demo model); ``pretrained=False`` gives the
     random init of ``seed``.
 
-    Idempotent: if ``folder/model_index.json`` exists nothing is rebuilt. The pipeline is saved into a
-    hidden temporary sibling and renamed into place, so ``folder`` is either complete or absent.
+    Idempotent: if ``folder`` holds a pipeline built from the same weights (its WEIGHTS_MARKER file says
+    which) nothing is rebuilt; a demo model built from other bundled weights (an older release) is
+    replaced, the old copy removed only once the new one is in place. The pipeline is saved into a hidden
+    temporary sibling and renamed into place, so ``folder`` is either complete or absent.
     Raises FileExistsError if ``folder`` exists, is not empty and holds no pipeline.
     """
     folder = Path(folder)
+    identity = _weights_identity(seed, pretrained)
     if (folder / "model_index.json").is_file():
-        return folder
-    _check_replaceable(folder)
+        marker = folder / WEIGHTS_MARKER
+        if not pretrained or (marker.is_file() and marker.read_text(encoding="utf-8") == identity):
+            return folder
+    else:
+        _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = temporary_sibling(folder)
     try:
         make_tiny_sdxl_pipeline(seed, pretrained).save_pretrained(tmp, safe_serialization=True)
-        _move_into_place(tmp, folder)
+        (tmp / WEIGHTS_MARKER).write_text(identity, encoding="utf-8")
+        if (folder / "model_index.json").is_file():
+            _replace(folder, tmp)
+        else:
+            _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not (folder / "model_index.json").is_file():
         raise FileExistsError(f"{folder} exists but holds no pipeline (no model_index.json)")
     return folder
+
+
+def _weights_identity(seed: int, pretrained: bool) -> str:
+    """What a built folder's weights come from: the bundled file's digest, or the random init's seed."""
+    if not pretrained:
+        return f"random init, seed {seed}\n"
+    return f"{DEMO_WEIGHTS.name} sha256 {hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()}\n"
+
+
+def _replace(folder: Path, new: Path) -> None:
+    """Swap the complete ``new`` folder in for ``folder``; the old one is deleted only after the swap."""
+    old = temporary_sibling(folder)
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -322,9 +350,10 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Path:
     """Write the demo's concept dataset (make_demo_image) under ``folder/2_shapes``; return ``folder``.
 
-    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a circle"; sizes cycle through 64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the
-    output is deterministic and a repeated call only writes files that are missing. A fresh concept folder
-    is built in a hidden temporary sibling and renamed into place.
+    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a circle"; sizes cycle through
+    64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the output is deterministic and a
+    repeated call only writes files that are missing or differ (the demo of an older release is brought
+    up to date). A fresh concept folder is built in a hidden temporary sibling and renamed into place.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
@@ -346,15 +375,19 @@ def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Pat
 
 
 def _write_demo_files(concept: Path, num_images: int, seed: int) -> None:
-    """Write every missing image/caption pair into ``concept``, each file atomically."""
+    """Write every image/caption pair that is missing or differs (a dataset from an older release) into
+    ``concept``, each file atomically; files that are already right are not touched."""
     for index in range(num_images):
         image_path = concept / f"shape_{index:03d}.png"
         caption_path = image_path.with_suffix(".txt")
-        if image_path.is_file() and caption_path.is_file():
-            continue
         image, caption = make_demo_image(index, seed)
-        atomic_write(image_path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        atomic_write_text(caption_path, caption + "\n")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        png = buffer.getvalue()
+        if not (image_path.is_file() and image_path.read_bytes() == png):
+            atomic_write(image_path, lambda tmp, png=png: tmp.write_bytes(png))
+        if not (caption_path.is_file() and caption_path.read_text(encoding="utf-8") == caption + "\n"):
+            atomic_write_text(caption_path, caption + "\n")
 
 
 def make_demo_image(index: int, seed: int = 0) -> tuple[Image.Image, str]:
