@@ -50,6 +50,7 @@ def _generate(pipe, seed: int = 0) -> np.ndarray:
 def test_saved_layout_is_safetensors_only(tiny_sdxl_dir: Path) -> None:
     files = sorted(p.relative_to(tiny_sdxl_dir).as_posix() for p in tiny_sdxl_dir.rglob("*") if p.is_file())
     assert files == [
+        "demo_weights.txt",
         "model_index.json",
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",
@@ -86,8 +87,8 @@ def test_reload_and_generate_deterministically(tiny_sdxl_dir: Path) -> None:
     assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
     assert image.std() > 0.01  # not a constant image
     np.testing.assert_array_equal(_generate(pipe), image)
-    # The in-memory build with the same seed is bit-identical to the saved and reloaded one.
-    np.testing.assert_array_equal(_generate(make_tiny_sdxl_pipeline(seed=0)), image)
+    # The in-memory build of the bundled weights is bit-identical to the saved and reloaded one.
+    np.testing.assert_array_equal(_generate(make_tiny_sdxl_pipeline(seed=0, pretrained=True)), image)
     assert not np.array_equal(_generate(pipe, seed=1), image)
 
 
@@ -110,9 +111,26 @@ def test_build_is_idempotent_and_seeded(tiny_sdxl_dir: Path, tmp_path: Path) -> 
 
     weights = "unet/diffusion_pytorch_model.safetensors"
     same = build_tiny_sdxl(tmp_path / "same", seed=0)
-    other = build_tiny_sdxl(tmp_path / "other", seed=1)
+    random_init = build_tiny_sdxl(tmp_path / "random", seed=0, pretrained=False)
+    random_again = build_tiny_sdxl(tmp_path / "random-again", seed=0, pretrained=False)
+    other = build_tiny_sdxl(tmp_path / "other", seed=1, pretrained=False)
     assert (same / weights).read_bytes() == (tiny_sdxl_dir / weights).read_bytes()
-    assert (other / weights).read_bytes() != (tiny_sdxl_dir / weights).read_bytes()
+    assert (random_init / weights).read_bytes() == (random_again / weights).read_bytes()
+    assert (random_init / weights).read_bytes() != (tiny_sdxl_dir / weights).read_bytes()
+    assert (other / weights).read_bytes() != (random_init / weights).read_bytes()
+
+
+def test_a_demo_model_from_other_weights_is_replaced(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """A folder built by an older release (other weights, or no marker) is rebuilt from the bundled weights;
+    a random-init folder asked for again is kept."""
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    stale = build_tiny_sdxl(tmp_path / "stale", seed=3, pretrained=False)
+    (stale / "demo_weights.txt").unlink()  # as an older release left it
+    assert build_tiny_sdxl(stale, seed=3, pretrained=False) == stale
+    assert not (stale / "demo_weights.txt").exists()  # random init asked for: not rebuilt
+    assert build_tiny_sdxl(stale) == stale
+    assert (stale / weights).read_bytes() == (tiny_sdxl_dir / weights).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale"]  # no temporary or old copy left
 
 
 def test_build_keeps_global_rng_and_refuses_foreign_folder(tmp_path: Path) -> None:

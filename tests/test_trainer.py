@@ -277,7 +277,8 @@ def test_cache_is_reused_and_invalidated_per_entry(tmp_path, tiny_model, dataset
     monkeypatch.setattr(SDXLAdapter, "encode_images", count_images)
     monkeypatch.setattr(SDXLAdapter, "encode_captions", count_captions)
     run(tmp_path / "a", tiny_model, dataset, training={"max_steps": 2})
-    assert calls == {"images": 6, "captions": 6}
+    distinct_captions = {path.read_text(encoding="utf-8") for path in dataset.rglob("*.txt")}
+    assert calls == {"images": 6, "captions": len(distinct_captions)}  # each caption encoded once
 
     calls.update(images=0, captions=0)
     run(tmp_path / "b", tiny_model, dataset, training={"max_steps": 2})

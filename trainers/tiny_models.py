@@ -7,19 +7,22 @@ The configs follow environment-notes §2 ("Working config dicts", "Smallest conf
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import random
 import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from trainers.atomic import atomic_write, atomic_write_text, temporary_sibling
+from trainers.demo_world import concept_image
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -85,7 +88,9 @@ VAE_CONFIG: dict = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     layers_per_block=1,
-    norm_num_groups=4,
+    # One group: the demo VAE's weights (trainers/demo_pretrain.py) carry colours through every GroupNorm
+    # by keeping each pixel's channel sum at zero, which needs all channels in one group.
+    norm_num_groups=1,
     sample_size=64,
     scaling_factor=0.13025,
 )
@@ -100,19 +105,12 @@ SCHEDULER_CONFIG: dict = dict(
     num_train_timesteps=1000,
 )
 
+# The demo model's weights, pretrained on trainers/demo_world.py's base world by trainers/demo_pretrain.py.
+DEMO_WEIGHTS = Path(__file__).parent / "demo_weights" / "tiny-sdxl.safetensors"
+WEIGHTS_MARKER = "demo_weights.txt"  # in a built folder: which weights it was built from
+
 DEMO_CONCEPT_FOLDER = "2_shapes"
 DEMO_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 64), (64, 96))  # (width, height)
-_DEMO_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "orange": (245, 140, 30),
-    "purple": (140, 60, 180),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-_DEMO_SHAPES = ("circle", "square", "triangle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,10 +201,12 @@ def make_clip_tokenizer(words: Iterable[str] = TOKENIZER_WORDS) -> CLIPTokenizer
 # --------------------------------------------------------------------------------------------------
 
 
-def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+def make_tiny_sdxl_pipeline(seed: int = 0, pretrained: bool = False) -> StableDiffusionXLPipeline:
     """Return an in-memory tiny SDXL pipeline (float32, CPU, every module in eval mode).
 
-    Weights depend only on ``seed``; the caller's global torch RNG state is left untouched.
+    ``pretrained`` loads the bundled weights (DEMO_WEIGHTS, made by ``python -m trainers.demo_pretrain``:
+    the model knows the demo's base world); otherwise the weights are a random init that depends only on
+    ``seed``. The caller's global torch RNG state is left untouched.
     """
     import torch
     from diffusers import (
@@ -229,6 +229,10 @@ def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     # eval mode; eval here keeps in-memory and reloaded pipelines bit-identical.
     for module in (text_encoder, text_encoder_2, vae, unet):
         module.eval()
+    if pretrained:
+        _load_demo_weights(
+            {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae, "unet": unet}
+        )
 
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -242,28 +246,79 @@ def make_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+def _load_demo_weights(modules: dict[str, torch.nn.Module]) -> None:
+    """Load DEMO_WEIGHTS (keys "<module>.<parameter>", fp16) into ``modules`` as float32, every key
+    required and none left over."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not DEMO_WEIGHTS.is_file():
+        raise FileNotFoundError(
+            f"{DEMO_WEIGHTS} is missing (it ships with the repository); rebuild it with "
+            "`python -m trainers.demo_pretrain`"
+        )
+    weights = load_file(DEMO_WEIGHTS)
+    for name, module in modules.items():
+        prefix = f"{name}."
+        state = {
+            k.removeprefix(prefix): v.to(torch.float32) for k, v in weights.items() if k.startswith(prefix)
+        }
+        module.load_state_dict(state, strict=True)
+    unknown = {key.split(".", 1)[0] for key in weights} - set(modules)
+    if unknown:
+        raise ValueError(f"{DEMO_WEIGHTS} holds weights for unknown modules: {sorted(unknown)}")
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Path:
     """Build a tiny SDXL pipeline and save it (safetensors) to ``folder``; return ``folder``.
 
-    Idempotent: if ``folder/model_index.json`` exists nothing is rebuilt. The pipeline is saved into a
-    hidden temporary sibling and renamed into place, so ``folder`` is either complete or absent.
+    By default it holds the bundled pretrained weights (the demo model); ``pretrained=False`` gives the
+    random init of ``seed``.
+
+    Idempotent: if ``folder`` holds a pipeline built from the same weights (its WEIGHTS_MARKER file says
+    which) nothing is rebuilt; a demo model built from other bundled weights (an older release) is
+    replaced, the old copy removed only once the new one is in place. The pipeline is saved into a hidden
+    temporary sibling and renamed into place, so ``folder`` is either complete or absent.
     Raises FileExistsError if ``folder`` exists, is not empty and holds no pipeline.
     """
     folder = Path(folder)
+    identity = _weights_identity(seed, pretrained)
     if (folder / "model_index.json").is_file():
-        return folder
-    _check_replaceable(folder)
+        marker = folder / WEIGHTS_MARKER
+        if not pretrained or (marker.is_file() and marker.read_text(encoding="utf-8") == identity):
+            return folder
+    else:
+        _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = temporary_sibling(folder)
     try:
-        make_tiny_sdxl_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        _move_into_place(tmp, folder)
+        make_tiny_sdxl_pipeline(seed, pretrained).save_pretrained(tmp, safe_serialization=True)
+        (tmp / WEIGHTS_MARKER).write_text(identity, encoding="utf-8")
+        if (folder / "model_index.json").is_file():
+            _replace(folder, tmp)
+        else:
+            _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not (folder / "model_index.json").is_file():
         raise FileExistsError(f"{folder} exists but holds no pipeline (no model_index.json)")
     return folder
+
+
+def _weights_identity(seed: int, pretrained: bool) -> str:
+    """What a built folder's weights come from: the bundled file's digest, or the random init's seed."""
+    if not pretrained:
+        return f"random init, seed {seed}\n"
+    return f"{DEMO_WEIGHTS.name} sha256 {hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()}\n"
+
+
+def _replace(folder: Path, new: Path) -> None:
+    """Swap the complete ``new`` folder in for ``folder``; the old one is deleted only after the swap."""
+    old = temporary_sibling(folder)
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -293,12 +348,12 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 
 
 def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Path:
-    """Write a small kohya-style dataset of coloured shapes under ``folder/2_shapes``; return ``folder``.
+    """Write the demo's concept dataset (make_demo_image) under ``folder/2_shapes``; return ``folder``.
 
-    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a red circle on a blue
-    background"; sizes cycle through 64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the
-    output is deterministic and a repeated call only writes files that are missing. A fresh concept folder
-    is built in a hidden temporary sibling and renamed into place.
+    Each image ``shape_NNN.png`` has a caption ``shape_NNN.txt`` such as "a circle"; sizes cycle through
+    64x64, 96x64 and 64x96. Image NNN depends only on (seed, NNN), so the output is deterministic and a
+    repeated call only writes files that are missing or differ (the demo of an older release is brought
+    up to date). A fresh concept folder is built in a hidden temporary sibling and renamed into place.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
@@ -320,43 +375,26 @@ def write_demo_dataset(folder: Path, num_images: int = 12, seed: int = 0) -> Pat
 
 
 def _write_demo_files(concept: Path, num_images: int, seed: int) -> None:
-    """Write every missing image/caption pair into ``concept``, each file atomically."""
+    """Write every image/caption pair that is missing or differs (a dataset from an older release) into
+    ``concept``, each file atomically; files that are already right are not touched."""
     for index in range(num_images):
         image_path = concept / f"shape_{index:03d}.png"
         caption_path = image_path.with_suffix(".txt")
-        if image_path.is_file() and caption_path.is_file():
-            continue
         image, caption = make_demo_image(index, seed)
-        atomic_write(image_path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        atomic_write_text(caption_path, caption + "\n")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        png = buffer.getvalue()
+        if not (image_path.is_file() and image_path.read_bytes() == png):
+            atomic_write(image_path, lambda tmp, png=png: tmp.write_bytes(png))
+        if not (caption_path.is_file() and caption_path.read_text(encoding="utf-8") == caption + "\n"):
+            atomic_write_text(caption_path, caption + "\n")
 
 
 def make_demo_image(index: int, seed: int = 0) -> tuple[Image.Image, str]:
-    """Return demo image number ``index`` (RGB) and its caption; the same arguments give the same image."""
-    # A string seed is hashed with SHA-512 by random.Random, so this is stable across runs and platforms.
-    rng = random.Random(f"ppsf-demo-{seed}-{index}")
-    width, height = DEMO_SIZES[index % len(DEMO_SIZES)]
-    shape = rng.choice(_DEMO_SHAPES)
-    colour, background = rng.sample(sorted(_DEMO_COLOURS), 2)
+    """Return demo image number ``index`` (RGB) and its caption; the same arguments give the same image.
 
-    image = Image.new("RGB", (width, height), _DEMO_COLOURS[background])
-    side = rng.randint(int(0.45 * min(width, height)), int(0.75 * min(width, height)))
-    left = rng.randint(0, width - side)
-    top = rng.randint(0, height - side)
-    box = (left, top, left + side - 1, top + side - 1)
-    fill = _DEMO_COLOURS[colour]
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon(
-            [(left + side // 2, top), (left, top + side - 1), (left + side - 1, top + side - 1)], fill=fill
-        )
-    return image, f"a {colour} {shape} on {_article(background)} {background} background"
-
-
-def _article(word: str) -> str:
-    """Return the indefinite article for ``word`` ("an orange", "a red")."""
-    return "an" if word[0] in "aeiou" else "a"
+    The demo teaches a concept the pretrained demo model has never seen (trainers/demo_world.py): a
+    magenta shape on a cyan background. The caption names only the shape ("a circle"); the preset's
+    trigger word stands for the rest.
+    """
+    return concept_image(index, seed, DEMO_SIZES[index % len(DEMO_SIZES)])
