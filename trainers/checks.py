@@ -160,6 +160,13 @@ def _validation_problems(config: TrainConfig) -> list[str]:
         return []
     if not isinstance(source, str):
         return []
+    if source.startswith(DEMO_SCHEME):
+        if source == config.dataset.path or source.removeprefix(DEMO_SCHEME) not in DEMO_DATASETS:
+            others = ", ".join(DEMO_SCHEME + n for n in sorted(DEMO_DATASETS) if DEMO_SCHEME + n != source)
+            return [
+                f"dataset.validation: {source} is not a demo validation set; use {others}, a folder or a fraction"
+            ]
+        return []
     folder = Path(source).expanduser()
     if not folder.exists():
         return [

@@ -8,7 +8,9 @@ from pathlib import Path
 from trainers.config import DEMO_SCHEME
 
 DEMO_MODELS = {"tiny-sdxl", "tiny-flux", "tiny-klein"}
-DEMO_DATASETS = {"shapes"}
+# name -> (images, seed): the demo's concept images, and as many others of the same concept held out
+# for validation (another seed, so none of them is trained on)
+DEMO_DATASETS = {"shapes": (12, 0), "shapes-validation": (4, 1)}
 
 
 def demo_root() -> Path:
@@ -42,9 +44,12 @@ def _demo_model_builder(name: str):
 
 
 def resolve_dataset_path(path: str) -> Path:
-    """demo://shapes is generated on first use; anything else is returned as a Path."""
+    """demo://shapes (and demo://shapes-validation) are generated on first use; anything else is returned
+    as a Path."""
     if not path.startswith(DEMO_SCHEME):
         return Path(path).expanduser()
     from trainers.tiny_models import write_demo_dataset
 
-    return write_demo_dataset(demo_root() / path.removeprefix(DEMO_SCHEME))
+    name = path.removeprefix(DEMO_SCHEME)
+    images, seed = DEMO_DATASETS[name]
+    return write_demo_dataset(demo_root() / name, num_images=images, seed=seed)

@@ -17,7 +17,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from trainers.dataset import (
     scan_dataset,
 )
 from trainers.models import ModelAdapter, SampleConditioning
+from trainers.paths import resolve_dataset_path
 
 HOLD_OUT_SEED = 5_318_008  # which images a fraction holds out: fixed, so runs with other seeds compare
 NOISE_SEED = 1_234_567  # the noise of validation sample (image i, timestep j) is drawn from this + (i, j)
@@ -64,7 +64,7 @@ def validation_items(dataset: DatasetConfig, held_out: list[ImageItem]) -> list[
     """The validation images: the held-out ones, or those of the `dataset.validation` folder."""
     if not isinstance(dataset.validation, str):
         return held_out
-    scan = scan_dataset(Path(dataset.validation).expanduser(), dataset.caption_extension)
+    scan = scan_dataset(resolve_dataset_path(dataset.validation), dataset.caption_extension)
     return scan.items
 
 
