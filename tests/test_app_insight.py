@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import ui_context, write_run_folder
 
 from app import events_view as view
 from app import run_controls
@@ -19,21 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _ctx(tmp_path: Path) -> UiContext:
-    return UiContext(
-        runs_dir=tmp_path / "runs",
-        presets_dir=REPO / "presets",
-        allow_parallel_runs=False,
-        configs_dir=tmp_path / "configs",
-    )
+    return ui_context(tmp_path)
 
 
 def _run(runs_dir: Path, name: str, events: list[dict], config: str | None = None) -> Path:
-    run_dir = runs_dir / name
-    run_dir.mkdir(parents=True)
-    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
-    if config is not None:
-        (run_dir / "config.toml").write_text(config, encoding="utf-8")
-    return run_dir
+    return write_run_folder(runs_dir / name, events, config)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import ui_context
 
 from app import config_form as form
 from app import dataset_files, runner
@@ -48,13 +49,7 @@ STOPPED = [STARTED, {"type": "step", "step": 2, "loss": 0.5}, {"type": "stopped"
 
 
 def _ctx(tmp_path: Path) -> UiContext:
-    return UiContext(
-        runs_dir=tmp_path / "runs",
-        presets_dir=REPO / "presets",
-        allow_parallel_runs=False,
-        configs_dir=tmp_path / "configs",
-        datasets_dir=tmp_path / "datasets",
-    )
+    return ui_context(tmp_path, datasets_dir=tmp_path / "datasets")
 
 
 # ---------------------------------------------------------------- free names

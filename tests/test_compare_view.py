@@ -3,11 +3,10 @@ events.jsonl and config.toml files whose expected tables are written out by hand
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
+from run_helpers import write_run_folder
 
 from app import compare_view as compare
 from app import validation_view as validation
@@ -38,14 +37,6 @@ def _step(step: int, loss: float, ds: dict[str, float]) -> dict:
     return {"type": "step", "step": step, "loss": loss, "groups": groups, "time": 100.0 + step}
 
 
-def _write_run(folder: Path, events: list[dict], config: str | None) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
-    if config is not None:
-        (folder / "config.toml").write_text(config, encoding="utf-8")
-    return folder
-
-
 @pytest.fixture
 def two_runs(tmp_path):
     """Run a: 4 steps, d doubling from 1e-4, two groups, validation at 2 and 4 (best at 2).
@@ -58,8 +49,8 @@ def two_runs(tmp_path):
     a_events.append({"type": "done", "step": 4, "final_d": [1.6e-3, 1e-5]})
     b_events = [{"type": "start", "total_steps": 10, "step": 0}]
     b_events += [_step(step, 2.0, {"unet": 10.0**-step}) for step in range(1, 4)]
-    a = _write_run(tmp_path / "a", a_events, CONFIG_A)
-    b = _write_run(tmp_path / "b", b_events, CONFIG_B)
+    a = write_run_folder(tmp_path / "a", a_events, CONFIG_A)
+    b = write_run_folder(tmp_path / "b", b_events, CONFIG_B)
     return compare.load_runs([a, b])
 
 
@@ -116,9 +107,9 @@ def test_config_differences_lists_exactly_the_values_that_differ(two_runs):
 
 
 def test_a_setting_only_one_run_has_is_shown_as_missing_in_the_other(tmp_path):
-    a = _write_run(tmp_path / "a", [], CONFIG_A)
-    b = _write_run(tmp_path / "b", [], CONFIG_A + "[validation]\nevery_n_steps = 5\n")
-    c = _write_run(tmp_path / "c", [], None)
+    a = write_run_folder(tmp_path / "a", [], CONFIG_A)
+    b = write_run_folder(tmp_path / "b", [], CONFIG_A + "[validation]\nevery_n_steps = 5\n")
+    c = write_run_folder(tmp_path / "c", [], None)
     runs = compare.load_runs([a, b, c])
     table = compare.config_differences(runs)
     rows = {row[0]: row[1:] for row in table.values.tolist()}
@@ -128,8 +119,8 @@ def test_a_setting_only_one_run_has_is_shown_as_missing_in_the_other(tmp_path):
 
 
 def test_same_configs_and_empty_runs(tmp_path):
-    a = _write_run(tmp_path / "a", [], CONFIG_A)
-    b = _write_run(tmp_path / "b", [], CONFIG_A.replace('name = "a"', 'name = "b"'))
+    a = write_run_folder(tmp_path / "a", [], CONFIG_A)
+    b = write_run_folder(tmp_path / "b", [], CONFIG_A.replace('name = "a"', 'name = "b"'))
     runs = compare.load_runs([a, b])
     table = compare.config_differences(runs)
     assert len(table) == 0 and "same" in compare.differences_caption(runs, table)
@@ -138,7 +129,7 @@ def test_same_configs_and_empty_runs(tmp_path):
 
 
 def test_fewer_than_two_runs_is_refused(tmp_path):
-    a = _write_run(tmp_path / "a", [], CONFIG_A)
+    a = write_run_folder(tmp_path / "a", [], CONFIG_A)
     with pytest.raises(compare.CompareError, match="two or more"):
         compare.load_runs([a, a])
 
@@ -146,8 +137,8 @@ def test_fewer_than_two_runs_is_refused(tmp_path):
 def test_long_runs_are_drawn_with_bounded_points_and_keep_a_spike(tmp_path):
     events = [_step(step, 1.0, {"unet": 1e-3}) for step in range(1, 20_001)]
     events[12_345]["groups"][0]["d"] = 1.0  # a spike in d at step 12346
-    a = _write_run(tmp_path / "a", events, CONFIG_A)
-    b = _write_run(tmp_path / "b", events[:10], CONFIG_A)
+    a = write_run_folder(tmp_path / "a", events, CONFIG_A)
+    b = write_run_folder(tmp_path / "b", events[:10], CONFIG_A)
     runs = compare.load_runs([a, b])
     frame = compare.d_overlay(runs)
     a_d = frame[frame["series"] == "a · unet"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
+from run_helpers import config_builder
 
 from trainers import train as training
 from trainers.__main__ import main as cli
@@ -19,44 +19,15 @@ from trainers.checkpoint import list_checkpoints
 from trainers.config import validate_config
 from trainers.control import CONTROL_DIR, ControlError, request_control, trainer_running
 from trainers.events import read_events
-from trainers.tiny_models import build_tiny_sdxl, write_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+DATASET_IMAGES = 4  # the conftest's `dataset`
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    return write_demo_dataset(tmp_path / "data", num_images=4)
-
-
-def make_config(tmp_path: Path, model_path: Path, dataset_path: Path, **sections) -> dict:
-    data = {
-        "name": "run",
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": str(model_path)},
-        "dataset": {"path": str(dataset_path), "resolution": 64, "trigger_word": "shapes"},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"max_steps": 12, "batch_size": 2, "precision": "fp32", "seed": 7},
-        "optimizer": {"d0": 1e-4},
-        "sampling": {"prompts": ["shapes, a red circle"], "steps": 2},
-        "saving": {"every_n_steps": 0, "keep_last": 5, "formats": ["diffusers"], "dtype": "fp32"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+make_config = config_builder(sampling={"prompts": ["shapes, a red circle"]})
 
 
 def run_with_requests(

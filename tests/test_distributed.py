@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import config_builder
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT_S = 240
@@ -167,20 +168,6 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path) -> N
 
 
 # ---------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from trainers.tiny_models import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    from trainers.tiny_models import write_demo_dataset
-
-    return write_demo_dataset(tmp_path / "data", num_images=6)
-
-
 @pytest.fixture
 def one_thread():
     previous = torch.get_num_threads()
@@ -189,21 +176,11 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def make_config(tmp_path: Path, model: Path, dataset: Path, **sections) -> dict:
-    data = {
-        "name": "run",
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": str(model)},
-        "dataset": {"path": str(dataset), "resolution": 64, "trigger_word": "shapes"},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"max_steps": 4, "batch_size": 1, "precision": "fp32", "seed": 7},
-        "optimizer": {"d0": 1e-4, "fused_back_pass": False},
-        "sampling": {"prompts": [], "steps": 2},
-        "saving": {"every_n_steps": 2, "keep_last": 5, "formats": ["kohya"], "dtype": "fp32"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+make_config = config_builder(
+    training={"max_steps": 4, "batch_size": 1},
+    optimizer={"fused_back_pass": False},
+    saving={"every_n_steps": 2, "formats": ["kohya"]},
+)
 
 
 def write_config(tmp_path: Path, data: dict) -> Path:

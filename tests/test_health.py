@@ -12,7 +12,7 @@ from trainers import train as training
 from trainers.config import validate_config
 from trainers.events import read_events
 from trainers.health import CODES, HealthMonitor
-from trainers.tiny_models import build_tiny_sdxl, write_demo_dataset
+from trainers.tiny_models import write_demo_dataset
 
 
 class Events:
@@ -197,11 +197,6 @@ def test_codes_are_remembered_across_resume() -> None:
 
 
 # ---------------------------------------------------------------- in a real run
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
 def test_a_run_writes_coded_warnings_once(tmp_path, tiny_model, capsys) -> None:
     torch.set_num_threads(1)
     dataset = write_demo_dataset(tmp_path / "data", num_images=4)

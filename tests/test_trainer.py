@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import config_builder
 from safetensors.torch import load_file
 
 from trainers import train as training
@@ -16,45 +17,12 @@ from trainers.__main__ import main as cli
 from trainers.checkpoint import list_checkpoints
 from trainers.config import ConfigError, validate_config
 from trainers.events import read_events
-from trainers.tiny_models import build_tiny_sdxl, write_demo_dataset
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threading costs more than it gives
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    return write_demo_dataset(tmp_path / "data", num_images=6)
-
-
-def make_config(tmp_path: Path, model_path: Path, dataset_path: Path, **sections) -> dict:
-    data = {
-        "name": "run",
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": str(model_path)},
-        "dataset": {"path": str(dataset_path), "resolution": 64, "trigger_word": "shapes"},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"max_steps": 30, "batch_size": 2, "precision": "fp32", "seed": 7},
-        "optimizer": {"d0": 1e-4},
-        "sampling": {"prompts": [], "steps": 2},
-        "saving": {"every_n_steps": 10, "keep_last": 5, "formats": ["kohya", "diffusers"], "dtype": "fp32"},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return data
+make_config = config_builder(
+    training={"max_steps": 30}, saving={"every_n_steps": 10, "formats": ["kohya", "diffusers"]}
+)
 
 
 def run(tmp_path, model_path, dataset_path, **sections) -> Path:

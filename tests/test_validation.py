@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import config_builder
 
 from trainers import train as training
 from trainers.__main__ import main as cli
@@ -21,26 +22,10 @@ from trainers.config import ConfigError, FluxTrainingOptions, validate_config
 from trainers.dataset import DatasetError, ImageItem, assign_buckets, load_image, scan_dataset
 from trainers.events import read_events
 from trainers.models.flow_matching import quantile_base_sigmas, sample_base_sigmas
-from trainers.tiny_models import build_tiny_sdxl, write_demo_dataset
+from trainers.tiny_models import write_demo_dataset
 from trainers.validation import NOISE_SEED, split_dataset, timestep_quantiles
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    return write_demo_dataset(tmp_path / "data", num_images=6)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -48,21 +33,7 @@ def validation_folder(tmp_path) -> Path:
     return write_demo_dataset(tmp_path / "validation", num_images=3, seed=1)
 
 
-def make_config(tmp_path: Path, model_path: Path, dataset_path: Path, **sections) -> dict:
-    data = {
-        "name": "run",
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"path": str(model_path)},
-        "dataset": {"path": str(dataset_path), "resolution": 64, "trigger_word": "shapes"},
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"max_steps": 12, "batch_size": 2, "precision": "fp32", "seed": 7},
-        "optimizer": {"d0": 1e-4},
-        "sampling": {"prompts": [], "steps": 2},
-        "saving": {"every_n_steps": 0, "keep_last": 5, "formats": ["diffusers"], "dtype": "fp32"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+make_config = config_builder()
 
 
 def run(tmp_path, model_path, dataset_path, **sections) -> Path:
