@@ -293,3 +293,30 @@ def test_export_best_says_when_the_best_checkpoint_was_not_kept(
     (run_dir / "events.jsonl").write_text("")
     assert cli(["export", str(run_dir), "--best"]) == 2
     assert "no validation results" in capsys.readouterr().err
+
+
+def test_the_demo_validation_set_is_the_concept_never_trained_on(tmp_path, monkeypatch) -> None:
+    """demo://shapes-validation: 4 images of the demo's concept, none of them one of the 12 trained on."""
+    from trainers.checks import _validation_problems
+    from trainers.config import validate_config
+    from trainers.paths import resolve_dataset_path
+
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path))
+    trained = {p.read_bytes() for p in resolve_dataset_path("demo://shapes").rglob("*.png")}
+    held = [p.read_bytes() for p in resolve_dataset_path("demo://shapes-validation").rglob("*.png")]
+    assert len(trained) == 12 and len(held) == 4 and not trained & set(held)
+
+    def problems(validation: str) -> list[str]:
+        config = validate_config(
+            {
+                "name": "demo",
+                "model": {"path": "demo://tiny-sdxl"},
+                "dataset": {"path": "demo://shapes", "validation": validation},
+                "training": {"max_steps": 10},
+            }
+        )
+        return _validation_problems(config)
+
+    assert problems("demo://shapes-validation") == []
+    assert "is not a demo validation set" in problems("demo://shapes")[0]  # the training images themselves
+    assert "demo://shapes-validation" in problems("demo://nope")[0]
