@@ -576,3 +576,23 @@ def test_lora_dropout_trains_on_after_a_sample(tmp_path, tiny_model, dataset) ->
     trainer._sample(Adapter(), Optimizer(), step=1)
     assert seen == {"unet": False, "text_encoder": False}  # images from the eval-mode modules
     assert modules["unet"].training and not modules["text_encoder"].training  # each back as it was
+
+
+def test_a_demo_model_trains_on_one_cpu_thread(tmp_path, monkeypatch, dataset) -> None:
+    """demo:// models are tiny: the trainer takes one thread for them (torch's default of one per core made
+    the demo take minutes on a busy machine) and gives the process its setting back afterwards."""
+    monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
+    seen = []
+    real_step = training.Trainer._train_step
+
+    def train_step(self, run):
+        seen.append(torch.get_num_threads())
+        return real_step(self, run)
+
+    monkeypatch.setattr(training.Trainer, "_train_step", train_step)
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, "demo://tiny-sdxl", dataset, training={"max_steps": 2}, saving={"every_n_steps": 0})
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

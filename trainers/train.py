@@ -46,7 +46,7 @@ from trainers.checkpoint import (
     saved_trainer_state,
 )
 from trainers.checks import check_config, config_problems, config_warnings, distributed_problems
-from trainers.config import ConfigError, TrainConfig, dump_config, load_config, resolved_config
+from trainers.config import DEMO_SCHEME, ConfigError, TrainConfig, dump_config, load_config, resolved_config
 from trainers.control import ControlChannel, ControlError, ControlRequest
 from trainers.dataset import (
     ImageItem,
@@ -277,6 +277,7 @@ class Trainer:
             raise TrainingError(str(error)) from None
         # a stop asked for while models load is honoured before the first step
         previous_handlers = stop.install()
+        threads = torch.get_num_threads()  # a demo run on a CPU takes one (see _run)
         events = None
         try:
             events = self.events = self.parallel.event_log(self.run_dir)  # rank 0 writes the events
@@ -296,6 +297,7 @@ class Trainer:
             raise
         finally:
             stop.restore(previous_handlers)
+            torch.set_num_threads(threads)
             if events is not None:
                 with contextlib.suppress(OSError):  # what could not be written is reported already
                     if self.parallel.is_main:
@@ -338,6 +340,9 @@ class Trainer:
             raise ConfigError(problems)
         adapter_class = adapter_for(config.model.family)
         adapter_class.check_device(config, self.device)  # e.g. an 8-bit format this device cannot run
+        if config.model.path.startswith(DEMO_SCHEME) and self.device.type == "cpu":
+            # a demo model's tensors are tiny: more threads only wait on each other (minutes on a busy CPU)
+            torch.set_num_threads(1)
         for message in config_warnings(config):
             print(f"warning: {message}", file=sys.stderr)
             self.events.write("warning", code="config", message=message)
