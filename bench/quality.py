@@ -7,7 +7,8 @@ tiny SDXL model, the concept dataset demo://shapes), same steps, batches, noise 
 optimizer differs:
 - ppsf_optim Prodigy + ScheduleFree with the preset's settings (no learning rate to choose);
 - torch AdamW at lr 1e-4 and at lr 1e-3, constant schedule (the usual kohya/diffusers LoRA settings);
-- prodigyopt Prodigy (1.1.2) at lr 1 with a cosine schedule (the usual Prodigy recipe).
+- prodigyopt Prodigy (1.1.2) at lr 1 with a cosine schedule (the usual Prodigy recipe), plain and with
+  `safeguard_warmup=True, use_bias_correction=True` (what its README suggests for diffusion models).
 At step 0 and every `--every` steps, with the weights each optimizer would export (ScheduleFree's average):
 - concept: how many of 12 samples ("sks, a circle/square/triangle", 4 seeds each, 10 steps, guidance 4)
   the detector (trainers/demo_world.py) finds the concept in;
@@ -49,6 +50,7 @@ RUNS: dict[str, tuple[str, float, str] | None] = {
     "AdamW lr 1e-4, constant": ("adamw", 1e-4, "constant"),
     "AdamW lr 1e-3, constant": ("adamw", 1e-3, "constant"),
     "prodigyopt Prodigy lr 1, cosine": ("prodigy", 1.0, "cosine"),
+    "prodigyopt, safeguard_warmup + bias correction": ("prodigy-safe", 1.0, "cosine"),
 }
 
 
@@ -62,9 +64,16 @@ class PeerOptimizer:
         else:
             from prodigyopt import Prodigy
 
-            self.inner = Prodigy(groups, lr=lr, weight_decay=0.0)
+            # "prodigy-safe": the two options the Prodigy README suggests for diffusion models
+            safe = kind == "prodigy-safe"
+            self.inner = Prodigy(
+                groups, lr=lr, weight_decay=0.0, safeguard_warmup=safe, use_bias_correction=safe
+            )
+        self.estimates_d = kind != "adamw"
         for group in self.inner.param_groups:
             group.setdefault("d", 1.0)  # AdamW has no d: its step is lr alone
+            group.setdefault("d0", group["d"])  # what the trainer's d-health checks read
+            group.setdefault("d_denom", 1.0)
             group["train_mode"] = False  # no schedule-free average: export takes the weights as they are
         cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -88,7 +97,14 @@ class PeerOptimizer:
 
     def telemetry(self) -> list[dict]:
         return [
-            {"d": g["d"], "applied_lr": g["d"] * g["lr"], "d_frozen": False, "d_frozen_since_step": None}
+            {
+                "d": g["d"],
+                "applied_lr": g["d"] * g["lr"],
+                "d_frozen": not self.estimates_d,  # AdamW's d is a constant 1: nothing to watch or freeze
+                "d_frozen_since_step": None if self.estimates_d else 0,
+                "nonfinite_skips": 0,
+                "state_bytes": 1,
+            }
             for g in self.inner.param_groups
         ]
 

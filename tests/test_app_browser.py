@@ -9,6 +9,7 @@ also written to docs/run-page.png for the README.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
+
+from trainers.demo_world import shows_concept
 
 pytest.importorskip("playwright")
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
@@ -36,7 +39,7 @@ SAMPLE_EVERY = 10
 FREEZE_AFTER = 20
 STEPS_AFTER_RESUME = 10
 RUN_TIMEOUT_MS = 120_000
-CLI_DEMO_STEPS = 4
+CLI_DEMO_STEPS = 300  # the whole demo (under a minute): its last samples show the concept
 FLUX_STEPS = 6
 CLI_TIMEOUT_S = 240
 
@@ -73,8 +76,7 @@ def _cli_demo(runs_dir: Path) -> None:
     """`python -m trainers train presets/demo.toml`, shortened, into the runs folder the UI will serve."""
     overrides = [
         f"training.max_steps={CLI_DEMO_STEPS}",
-        "sampling.every_n_steps=0",
-        "saving.every_n_steps=0",
+        "sampling.every_n_steps=0",  # samples once, at the end
         f"output_dir={runs_dir}",
     ]
     command = [sys.executable, "-m", "trainers", "train", "presets/demo.toml"]
@@ -269,6 +271,18 @@ def test_newcomer_path_cli_demo_then_the_ui(browser_page, server, tmp_path):
     expect(page.locator("#runs-summary")).to_contain_text("final d", timeout=30_000)
     _wait_for_lines(page, "runs-plot-loss", 2)
     _shot(page, shots, "5-runs")
+
+    # the CLI demo's gallery: the concept it learned ("sks": magenta on cyan) is in what the page shows
+    page.locator("#runs-choice input").click()
+    page.get_by_role("option", name="demo", exact=True).click()
+    page.keyboard.press("Escape")
+    page.locator("#runs-open").click()
+    expect(page.locator("#runs-config")).to_contain_text('name = "demo"', timeout=30_000)
+    gallery = page.locator("#runs-samples img")
+    expect(gallery).to_have_count(4, timeout=30_000)  # the four prompts, sampled at the last step
+    shown = [page.request.get(img.get_attribute("src")).body() for img in gallery.all()]
+    assert sum(shows_concept(Image.open(io.BytesIO(png)).convert("RGB")) for png in shown) >= 1
+    _shot(page, shots, "5-runs-demo-gallery")
 
     # Export: the newest run with a checkpoint, kohya only; the file loads
     _tab(page, "export")

@@ -185,10 +185,14 @@ def test_runs_page_compares_two_runs(tmp_path):
 
 # ---------------------------------------------------------------- Export best
 def _config_for_export(run_dir: Path) -> None:
-    text = (REPO / "presets" / "demo.toml").read_text(encoding="utf-8")
-    text = text.replace('name = "demo"', f'name = "{run_dir.name}"')
-    text += "\n[validation]\nevery_n_steps = 5\n"
-    (run_dir / "config.toml").write_text(text, encoding="utf-8")
+    import tomllib
+
+    import tomli_w
+
+    config = tomllib.loads((REPO / "presets" / "demo.toml").read_text(encoding="utf-8"))
+    config["name"] = run_dir.name
+    config["validation"] = {"every_n_steps": 5}
+    (run_dir / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def test_export_best_without_a_checkpoint_at_the_best_step_says_what_to_set(tmp_path):

@@ -162,7 +162,9 @@ def test_with_lr_differing_per_group_both_plots_show():
 def test_x_axis_spans_whole_steps_early_and_is_left_free_later():
     _, plots = _updates(_steps({"unet": 1.0}, count=3))
     assert all(plot.constructor_args["x_lim"] == [0, common.MIN_X_SPAN] for plot in plots)
-    _, plots = _updates(_steps({"unet": 1.0}, count=25))
+    _, plots = _updates(_steps({"unet": 1.0}, count=10))  # 1..10 on a free axis has ticks 0.5 apart
+    assert all(plot.constructor_args["x_lim"] == [0, 4 * common.MIN_X_SPAN] for plot in plots)
+    _, plots = _updates(_steps({"unet": 1.0}, count=45))
     assert all(plot.constructor_args["x_lim"] is None for plot in plots)  # the data spans enough steps
 
 

@@ -49,6 +49,7 @@ LOG_D = "log10 d"  # d and d·lr are drawn on a log axis: they grow by decades e
 LOG_LR = "log10 d·lr"
 ONE_PLOT_TITLE = "Prodigy's d per group = the applied learning rate (lr = 1)"
 MIN_X_SPAN = 10  # steps the x axis spans at least, so its ticks are whole steps early in a run
+X_SPANS = (MIN_X_SPAN, 4 * MIN_X_SPAN)  # fixed axes while a run is short: past 40 steps the free one is whole
 
 
 def run_plots(prefix: str) -> list[gr.LinePlot]:
@@ -81,9 +82,9 @@ def plot_updates(frames: list[pd.DataFrame | None]) -> list[gr.LinePlot]:
     (with lr = 1 in every group the two plots would be the same, so d's plot says so and stands alone)."""
     loss, d, lr = frames
     last = max((int(frame["step"].max()) for frame in frames if frame is not None), default=0)
-    # Early on the axis is held at 0..MIN_X_SPAN (its own ticks would be 0.5 apart); later it is left free.
-    # A limit that changes at every refresh would make the browser redraw each plot from scratch.
-    x_lim = [0, MIN_X_SPAN] if last < MIN_X_SPAN else None
+    # Early on the axis is held at 0..10, then 0..40 (a free axis over a few steps has ticks 0.5 apart); later
+    # it is left free. A limit that changed at every refresh would make the browser redraw each plot.
+    x_lim = next(([0, span] for span in X_SPANS if last < span), None)
     one = lr_is_d(d, lr)
     return [
         gr.LinePlot(value=loss, x_lim=x_lim),
