@@ -576,10 +576,17 @@ def test_browser_tab_logged_out_elsewhere_says_so_and_shows_the_login(served_wit
             second = context.new_page()
             second.goto(url, wait_until="load")
             second.wait_for_selector("#field-training-max_steps", timeout=60_000)
+            # the note shows for 3 s before the reload: a busy machine may starve the test's polling for
+            # longer, so the page itself records the note's text where the reload keeps it
+            second.evaluate(
+                """() => new MutationObserver(() => {
+                    const note = document.getElementById("ppsf-logged-out");
+                    if (note) sessionStorage.setItem("ppsf-note", note.textContent);
+                }).observe(document.body, {childList: true})"""
+            )
             first.goto(url + "logout", wait_until="load")
-            note = second.locator("#ppsf-logged-out")
-            playwright_api.expect(note).to_contain_text("logged out", timeout=30_000)
-            playwright_api.expect(second.get_by_role("button", name="Login")).to_be_visible(timeout=30_000)
+            playwright_api.expect(second.get_by_role("button", name="Login")).to_be_visible(timeout=60_000)
+            assert "logged out" in (second.evaluate("() => sessionStorage.getItem('ppsf-note')") or "")
             assert second.locator("#field-training-max_steps").count() == 0
         finally:
             browser.close()
