@@ -4,6 +4,7 @@ not in a test."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -114,9 +115,16 @@ def test_help_and_config_errors_import_no_model_library_nor_torch(tmp_path, quie
     assert imported == []
 
 
-def test_check_imports_no_model_library_once_its_tables_are_cached(tmp_path, quiet_env, capsys) -> None:
+def test_check_imports_no_model_library_once_its_tables_are_cached(
+    tmp_path, quiet_env, capsys, monkeypatch
+) -> None:
+    estimate = importlib.import_module(
+        "trainers.memory.estimate"
+    )  # the module: the package exports a function
     argv = ["check", str(REPO / "presets" / "demo.toml"), "--set", f"output_dir={tmp_path / 'runs'}"]
     checks._layers_of.cache_clear()
+    # measurements an earlier test made in this process would not be written to this test's disk cache
+    monkeypatch.setattr(estimate, "_MEMORY_CACHE", {})
     assert cli(argv) == 0  # in this process: builds and caches the layer table and memory measurements
     first = capsys.readouterr().out
     rc, imported, output = _imports_after(argv, quiet_env)
