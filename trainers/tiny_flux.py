@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from trainers.atomic import temporary_sibling
 from trainers.tiny_models import (
     CLIP_CONFIG,
+    TINY_VAE_BLOCKS,
     TOKENIZER_WORDS,
     _bytes_to_unicode,
     _check_replaceable,
@@ -31,15 +32,9 @@ T5_CONFIG: dict = dict(
     d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", vocab_size=1000
 )
 FLUX_VAE_CONFIG: dict = dict(
-    in_channels=3,
-    out_channels=3,
+    TINY_VAE_BLOCKS,
     latent_channels=16,
-    block_out_channels=(8, 8, 8, 8),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
     norm_num_groups=4,
-    sample_size=64,
     scaling_factor=0.3611,  # Flux.1's real values, so the (z - shift) * scale normalisation is exercised
     shift_factor=0.1159,
     use_quant_conv=False,
@@ -71,17 +66,7 @@ QWEN_CONFIG: dict = dict(
     tie_word_embeddings=True,
     max_position_embeddings=QWEN_MAX_LENGTH,
 )
-KLEIN_VAE_CONFIG: dict = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=32,
-    block_out_channels=(8, 8, 8, 8),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=64,
-)
+KLEIN_VAE_CONFIG: dict = dict(TINY_VAE_BLOCKS, latent_channels=32, norm_num_groups=4)
 KLEIN_TRANSFORMER_CONFIG: dict = dict(
     patch_size=1,
     in_channels=128,

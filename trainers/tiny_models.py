@@ -79,19 +79,23 @@ UNET_CONFIG: dict = dict(
     norm_num_groups=4,
 )
 
-# Four blocks give vae_scale_factor 8 as in real SDXL, so 64 px images map to 8x8 latents.
-VAE_CONFIG: dict = dict(
+# Four blocks give vae_scale_factor 8 as in the real SDXL and Flux VAEs, so 64 px images map to 8x8
+# latents; each family adds its latent channels, groups and normalisation (here and in tiny_flux.py).
+TINY_VAE_BLOCKS: dict = dict(
     in_channels=3,
     out_channels=3,
-    latent_channels=4,
     block_out_channels=(8, 8, 8, 8),
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     layers_per_block=1,
+    sample_size=64,
+)
+VAE_CONFIG: dict = dict(
+    TINY_VAE_BLOCKS,
+    latent_channels=4,
     # One group: the demo VAE's weights (trainers/demo_pretrain.py) carry colours through every GroupNorm
     # by keeping each pixel's channel sum at zero, which needs all channels in one group.
     norm_num_groups=1,
-    sample_size=64,
     scaling_factor=0.13025,
 )
 
