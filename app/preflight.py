@@ -14,7 +14,7 @@ def preflight(config: TrainConfig, runs_dir: Path) -> tuple[list[str], str]:
 
     Problems are "section.field: message" lines; none means the run can start.
     """
-    from trainers.train import check  # imports torch: only when checking
+    from trainers.checks import check_config  # imports torch: only when checking
 
     problems = []
     if Path(config.output_dir).expanduser().resolve() != Path(runs_dir).resolve():
@@ -23,7 +23,7 @@ def preflight(config: TrainConfig, runs_dir: Path) -> tuple[list[str], str]:
             "start the UI with --runs-dir to use another folder"
         )
     problems += config_path_problems(config)
-    trainer_problems, summary = check(config)
+    trainer_problems, summary = check_config(config)
     problems += trainer_problems
     if holds_run(config.run_dir):
         problems.append(

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tests.flux_helpers import demo_batch
 from trainers import train as training
 from trainers.checkpoint import list_checkpoints
+from trainers.checks import check_config
 from trainers.config import ConfigError, validate_config
 from trainers.events import read_events
 from trainers.models import adapter_for
@@ -216,7 +217,7 @@ def test_an_sdxl_config_saved_with_flux_defaults_still_loads(tmp_path) -> None:
 
 
 def test_unknown_raw_target_is_named_before_loading(tmp_path, dataset) -> None:
-    problems, _ = training.check(
+    problems, _ = check_config(
         validate_config(make_config(tmp_path, "flux", dataset, flux={"lora_targets": ["to_qq"]}))
     )
     assert any(p.startswith("flux.lora_targets: 'to_qq' matches no layer") for p in problems), problems

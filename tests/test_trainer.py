@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from trainers import train as training
 from trainers.__main__ import main as cli
 from trainers.checkpoint import list_checkpoints
+from trainers.checks import check_config
 from trainers.config import ConfigError, validate_config
 from trainers.events import read_events
 
@@ -324,7 +325,7 @@ def test_check_empty_dataset_names_the_folder(tmp_path, tiny_model, capsys) -> N
     empty = tmp_path / "empty"
     empty.mkdir()
     config = validate_config(make_config(tmp_path, tiny_model, empty))
-    problems, _ = training.check(config)
+    problems, _ = check_config(config)
     assert len(problems) == 1 and str(empty) in problems[0] and problems[0].startswith("dataset.path")
 
 
@@ -390,7 +391,7 @@ def test_repo_id_missing_offline_is_reported_before_loading(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = validate_config(make_config(tmp_path, "someone/not-downloaded-sdxl", dataset))
-    problems, _ = training.check(config)
+    problems, _ = check_config(config)
     assert problems == [
         "model.path: 'someone/not-downloaded-sdxl' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
         "download it first or give a local folder"

@@ -45,9 +45,9 @@ from trainers.checkpoint import (
     save_checkpoint,
     saved_trainer_state,
 )
-from trainers.checks import check_config, config_problems, config_warnings, distributed_problems
+from trainers.checks import config_problems, config_warnings, distributed_problems
 from trainers.config import DEMO_SCHEME, ConfigError, TrainConfig, dump_config, load_config, resolved_config
-from trainers.control import ControlChannel, ControlError, ControlRequest
+from trainers.control import ControlChannel, ControlError
 from trainers.dataset import (
     ImageItem,
     assign_buckets,
@@ -239,12 +239,6 @@ def _resume_config(run_dir: Path, config_path: Path | None, overrides: Sequence[
 def _config_for_folder(config: TrainConfig, run_dir: Path) -> TrainConfig:
     """`config` writing into `run_dir`, whatever name and output_dir it gives."""
     return config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
-
-
-def check(config: TrainConfig) -> tuple[list[str], str]:
-    """(problems, dataset summary) found without loading a model; no problems means ready to train
-    (trainers/checks.py's `check_config`, here for callers that know the trainer's API)."""
-    return check_config(config)
 
 
 class Trainer:
@@ -705,26 +699,25 @@ class Trainer:
             plan = json.loads(self.parallel.main_text(json.dumps(plan)) or "[]")
         files = {request.id: request for request in requests}
         for entry in plan:
-            request = ControlRequest(id=entry["id"], action=entry["action"], requested_at=0.0, path=Path())
             if entry["stale"]:
                 status, message = "refused", "sent before this trainer started; send it again"
             else:
-                status, message = self._control(request, run)
+                status, message = self._control(entry["action"], run)
             self.events.write(
                 "control",
                 step=run.state.step,
-                action=request.action,
+                action=entry["action"],
                 status=status,
                 message=message,
-                request=request.id,
+                request=entry["id"],
             )
-            if request.id in files:
-                self.controls.done(files[request.id])
+            if entry["id"] in files:
+                self.controls.done(files[entry["id"]])
 
-    def _control(self, request: ControlRequest, run: _Session) -> tuple[str, str]:
+    def _control(self, action: str, run: _Session) -> tuple[str, str]:
         """(status, message) of one request, after acting on it."""
         step = run.state.step
-        if request.action == "freeze":
+        if action == "freeze":
             refusal = manual_freeze_refusal(run.optimizer)
             if refusal:
                 return "refused", refusal
@@ -733,17 +726,17 @@ class Trainer:
             d = [g["d"] for g in run.optimizer.param_groups]
             self.events.write("freeze", step=step, since_step=step + 1, d=d, rule="manual")
             return "done", f"d frozen at {', '.join(f'{v:.3g}' for v in d)} from step {step + 1} on"
-        if request.action == "sample":
+        if action == "sample":
             if not self.config.sampling.prompts:
                 return "refused", "sampling.prompts is empty: add prompts to the config to sample"
             self._sample(run.adapter, run.optimizer, step)
             return "done", f"samples of step {step} written"
-        if request.action == "checkpoint":
+        if action == "checkpoint":
             return "done", f"checkpoint written: {self._checkpoint(run)}"
-        if request.action == "stop":
+        if action == "stop":
             self.controls.stop_requested = True
             return "done", "stopping after this step; a checkpoint is saved"
-        return "refused", f"unknown action {request.action!r}"
+        return "refused", f"unknown action {action!r}"
 
     def _refuse_controls(self, message: str) -> None:
         for request in self.controls.pending():
