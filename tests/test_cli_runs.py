@@ -10,26 +10,14 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 
 from trainers import train as training
 from trainers.__main__ import main as cli
 from trainers.config import ConfigError
 from trainers.events import read_events
-from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, build_tiny_sdxl, write_demo_dataset
+from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, write_demo_dataset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ from trainers.tiny_flux import build_tiny_flux, build_tiny_klein
 HIDDEN = 32  # the tiny transformers' inner dim (2 heads x 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from trainers.tiny_flux import (
     make_tiny_klein_pipeline,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; a loaded 2-core machine makes threads slower, not faster
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from trainers.tiny_flux import build_tiny_flux
 torchao = pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

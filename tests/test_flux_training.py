@@ -24,12 +24,7 @@ from trainers.tiny_models import write_demo_dataset
 FAMILIES = {"flux": "demo://tiny-flux", "flux2": "demo://tiny-klein"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threading costs more than it gives, and steps stay steady
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)
