@@ -272,6 +272,27 @@ def test_export_best_picks_the_checkpoint_of_the_best_step(
     assert written and all(path.name.startswith(f"run-step{best:06d}-") for path in written)
 
 
+def test_pruning_keeps_the_best_steps_checkpoint(
+    tmp_path, tiny_model, dataset, validation_folder, monkeypatch, capsys
+) -> None:
+    """keep_last = 1 keeps the newest checkpoint and the best validation step's, so `export --best` works;
+    the other steps are pruned."""
+    losses = iter([0.5, 0.1, 0.3, 0.4, 0.2, 0.6])  # steps 2, 4, ..., 12: the best is step 4
+    monkeypatch.setattr("trainers.validation.Validator._mean_loss", lambda self, adapter: next(losses))
+    run_dir = run(
+        tmp_path,
+        tiny_model,
+        dataset,
+        saving={"every_n_steps": 2, "keep_last": 1},
+        **validated(validation_folder, every=2),
+    )
+    assert [e["best_step"] for e in events_of(run_dir, "validation")][-1] == 4
+    assert [step for step, _ in list_checkpoints(run_dir)] == [4, 12]
+    capsys.readouterr()
+    assert cli(["export", str(run_dir), "--best"]) == 0
+    assert "run-step000004-" in capsys.readouterr().out
+
+
 def test_export_best_says_when_the_best_checkpoint_was_not_kept(
     tmp_path, tiny_model, dataset, capsys
 ) -> None:

@@ -178,8 +178,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     keep_last: int,
+    keep_step: int | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically and delete all but the newest `keep_last`."""
+    """Write a complete checkpoint folder atomically and delete all but the newest `keep_last`, and the
+    checkpoint of `keep_step` (the best validation step, which `export --best` reads) if there is one."""
     lora = {name: p.detach().to("cpu").contiguous() for name, p in params.items()}
     optimizer_tensors, groups = optimizer_state_tensors(optimizer, params)
     rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state().to("cpu")}
@@ -203,7 +205,7 @@ def save_checkpoint(
         _replace_folder(new, target)
     finally:
         remove_path(new)
-    _prune(run_dir, keep_last)
+    _prune(run_dir, keep_last, keep_step)
     return target
 
 
@@ -224,12 +226,12 @@ def _replace_folder(new: Path, target: Path) -> None:
         remove_path(old)
 
 
-def _prune(run_dir: Path, keep_last: int) -> None:
-    """Delete checkpoints older than the newest `keep_last` intact ones (renamed away first, so a
-    half-deleted folder is never taken for a checkpoint)."""
+def _prune(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
+    """Delete checkpoints older than the newest `keep_last` intact ones, except `keep_step`'s (renamed away
+    first, so a half-deleted folder is never taken for a checkpoint)."""
     kept = list_checkpoints(run_dir)[-keep_last:]
     for step, folder in step_folders(run_dir):
-        if kept and step < kept[0][0]:
+        if kept and step < kept[0][0] and step != keep_step:
             doomed = temporary_sibling(folder)
             os.replace(folder, doomed)
             fault_point("checkpoint-prune")

@@ -274,7 +274,9 @@ class HealthConfig(_Section):
 
 class SavingConfig(_Section):
     every_n_steps: int = Field(250, ge=0, description="Checkpoint (LoRA + optimizer state) every N steps.")
-    keep_last: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
+    keep_last: int = Field(
+        3, gt=0, description="Checkpoints kept; older ones are deleted, except the best validation step's."
+    )
     formats: list[Literal["kohya", "diffusers"]] = Field(
         default_factory=lambda: ["kohya", "diffusers"],
         description="kohya for ComfyUI and A1111/Forge; diffusers for pipe.load_lora_weights.",

@@ -142,7 +142,7 @@ def best_checkpoint(run_dir: Path) -> Path:
         f"the best validation loss ({best['loss']:.5g}) was at step {best['step']}, but no checkpoint of that "
         f"step was kept (kept steps: {kept_text}; {checkpoint_dir(run_dir, best['step'])} is missing). To keep it "
         f"next time set saving.every_n_steps = {every or 'validation.every_n_steps'} (validate and save at the "
-        "same steps) and a larger saving.keep_last; `--checkpoint STEP` exports one of the kept steps"
+        "same steps: pruning keeps the best step's checkpoint); `--checkpoint STEP` exports one of the kept steps"
     )
 
 

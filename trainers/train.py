@@ -810,8 +810,15 @@ class Trainer:
         if not self.parallel.is_main:
             return None
         state.python_rng = list(run.rng.getstate())
+        best_step = run.validator.best_step if run.validator is not None else None
         folder = save_checkpoint(
-            self.run_dir, state, run.params, run.optimizer, run.generator, self.config.saving.keep_last
+            self.run_dir,
+            state,
+            run.params,
+            run.optimizer,
+            run.generator,
+            self.config.saving.keep_last,
+            keep_step=best_step,  # pruning never takes the checkpoint `export --best` exports
         )
         self.events.write("checkpoint", step=state.step, path=str(folder))
         return folder
