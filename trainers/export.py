@@ -90,9 +90,7 @@ def save_diffusers_lora(
     ``metadata`` verbatim. ``dtype`` casts every tensor (None keeps each tensor's dtype).
     Raises ValueError for an inconsistent component or unusable metadata.
     """
-    path = _check_path(path)
-    _check_components(components)
-    caller_metadata = _check_metadata(metadata)
+    path, caller_metadata = checked_writer_inputs(path, components, metadata)
     tensors: dict[str, torch.Tensor] = {}
     for component in components:
         _lora_modules(component)  # validation only: PEFT keys are written as they are
@@ -121,9 +119,7 @@ def save_kohya_lora(
     are added where the caller did not give them. Raises ValueError for an inconsistent component,
     NotImplementedError for a Flux ``transformer`` (kohya Flux files use BFL module names).
     """
-    path = _check_path(path)
-    _check_components(components)
-    caller_metadata = _check_metadata(metadata)
+    path, caller_metadata = checked_writer_inputs(path, components, metadata)
     tensors: dict[str, torch.Tensor] = {}
     all_modules: list[_LoraModule] = []
     for component in components:
@@ -160,6 +156,16 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # Validation and module extraction
 # --------------------------------------------------------------------------------------------------
+
+
+def checked_writer_inputs(
+    path: Path, components: list[LoraComponent], metadata: Mapping[str, str]
+) -> tuple[Path, dict[str, str]]:
+    """What every LoRA writer checks first: the path (a .safetensors file), the components (at least one,
+    no name twice) and the metadata (strings, no reserved key); the path and the metadata as a dict."""
+    path = _check_path(path)
+    _check_components(components)
+    return path, _check_metadata(metadata)
 
 
 def _check_path(path: Path) -> Path:

@@ -26,14 +26,12 @@ from trainers.export import (
     LoraComponent,
     _add_kohya_module,
     _atomic_save,
-    _check_components,
-    _check_metadata,
-    _check_path,
     _kohya_modules,
     _kohya_network_metadata,
     _lora_modules,
     _LoraModule,
     _prepare,
+    checked_writer_inputs,
     kohya_prefix,
     save_diffusers_lora,
     save_kohya_lora,
@@ -115,9 +113,7 @@ def save_flux1_kohya_lora(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a kohya/ComfyUI Flux.1 LoRA (BFL names, fused qkv / linear1) atomically; return its path."""
-    path = _check_path(path)
-    _check_components(components)
-    caller_metadata = _check_metadata(metadata)
+    path, caller_metadata = checked_writer_inputs(path, components, metadata)
     tensors: dict[str, torch.Tensor] = {}
     written: list[_LoraModule] = []
     for component in components:
@@ -149,9 +145,7 @@ def save_klein_bfl_lora(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a Flux.2 Klein LoRA as `diffusion_model.<BFL name>.lora_A/lora_B.weight` (scale folded in)."""
-    path = _check_path(path)
-    _check_components(components)
-    caller_metadata = _check_metadata(metadata)
+    path, caller_metadata = checked_writer_inputs(path, components, metadata)
     if [c.name for c in components] != ["transformer"]:
         raise ValueError("Flux.2 export: only a transformer LoRA can be written (no text-encoder LoRA)")
     tensors: dict[str, torch.Tensor] = {}
