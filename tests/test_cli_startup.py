@@ -4,6 +4,7 @@ bench/startup.py, not in a test."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -125,6 +127,8 @@ def test_check_imports_neither_torch_nor_a_model_library_once_its_tables_are_cac
         "trainers.memory.estimate"
     )  # the module: the package exports a function
     argv = ["check", str(REPO / "presets" / preset), "--set", f"output_dir={tmp_path / 'runs'}"]
+    if preset == "demo.toml":  # its name holds a finished run: the note reads the checkpoint's headers
+        _finished_run(tmp_path / "runs" / "demo", step=10)
     checks._layers_of.cache_clear()
     # measurements an earlier test made in this process would not be written to this test's disk cache
     monkeypatch.setattr(estimate, "_MEMORY_CACHE", {})
@@ -137,7 +141,25 @@ def test_check_imports_neither_torch_nor_a_model_library_once_its_tables_are_cac
     assert output.split("IMPORTED")[0] == first.out and output.endswith(first.err)
     if preset.startswith("demo"):
         assert rc == 0 and (tmp_path / "fresh-demo" / "shapes").is_dir()
+    if preset == "demo.toml":
+        assert "already holds a finished run (step 10)" in output
     checks._layers_of.cache_clear()
+
+
+def _finished_run(run_dir: Path, step: int) -> None:
+    """A run folder as a finished run leaves it: an intact checkpoint at `step`, the last event `done`."""
+    from safetensors.numpy import save_file
+
+    from trainers.checkpoint import CHECKPOINT_FILES, STATE_FILE, TrainerState, checkpoint_dir
+    from trainers.events import EVENTS_FILE
+
+    folder = checkpoint_dir(run_dir, step)
+    folder.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        save_file({"x": np.zeros(2, dtype=np.float32)}, str(folder / name))
+    state = TrainerState(step=step, epoch=1, batch_in_epoch=0)
+    (folder / STATE_FILE).write_text(json.dumps({"trainer": dataclasses.asdict(state), "param_groups": []}))
+    (run_dir / EVENTS_FILE).write_text(json.dumps({"type": "done", "step": step, "exported": []}) + "\n")
 
 
 def test_the_tiny_klein_vocabulary_is_counted_as_its_tokenizer_has_it() -> None:

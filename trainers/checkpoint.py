@@ -81,7 +81,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{folder / STATE_FILE}: unreadable ({type(error).__name__}: {error})"
     for name in CHECKPOINT_FILES:
         try:
-            with safe_open(str(folder / name), framework="pt") as handle:
+            # numpy, not pt: the same header checks without importing torch (tensors are not read)
+            with safe_open(str(folder / name), framework="numpy") as handle:
                 handle.keys()
         except (OSError, SafetensorError) as error:
             return f"{folder / name}: unreadable ({error})"

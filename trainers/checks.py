@@ -235,7 +235,8 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     from trainers.models.families import family_for
 
     try:
-        with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
+        # parses the JSON header only; numpy, not pt: the same checks without importing torch
+        with safe_open(str(path), framework="numpy") as file:
             keys = list(file.keys())
     except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
         return (
