@@ -1,9 +1,10 @@
-"""`check`, `--help` and config errors answer without importing diffusers, transformers or peft (issue 9
-and 10): what the check path reads instead is held to the libraries here. Times are in bench/startup.py,
-not in a test."""
+"""`check`, `--help` and config errors answer without importing torch, diffusers, transformers or peft
+(issues 9 and 10): what the check path reads instead is held to the libraries here. Times are in
+bench/startup.py, not in a test."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -115,19 +117,71 @@ def test_help_and_config_errors_import_no_model_library_nor_torch(tmp_path, quie
     assert imported == []
 
 
-def test_check_imports_no_model_library_once_its_tables_are_cached(
-    tmp_path, quiet_env, capsys, monkeypatch
+@pytest.mark.parametrize("preset", ["demo.toml", "demo-flux.toml", "demo-flux2.toml", "sdxl_24gb.toml"])
+def test_check_imports_neither_torch_nor_a_model_library_once_its_tables_are_cached(
+    preset, tmp_path, quiet_env, capsys, monkeypatch
 ) -> None:
+    """The demo presets (their demo dataset generated in the child on first use) and a real-size SDXL
+    preset (its measurements bundled): the dataset scan, the estimate and the notes need no torch."""
     estimate = importlib.import_module(
         "trainers.memory.estimate"
     )  # the module: the package exports a function
-    argv = ["check", str(REPO / "presets" / "demo.toml"), "--set", f"output_dir={tmp_path / 'runs'}"]
+    argv = ["check", str(REPO / "presets" / preset), "--set", f"output_dir={tmp_path / 'runs'}"]
+    if preset == "demo.toml":  # its name holds a finished run: the note reads the checkpoint's headers
+        _finished_run(tmp_path / "runs" / "demo", step=10)
     checks._layers_of.cache_clear()
     # measurements an earlier test made in this process would not be written to this test's disk cache
     monkeypatch.setattr(estimate, "_MEMORY_CACHE", {})
-    assert cli(argv) == 0  # in this process: builds and caches the layer table and memory measurements
-    first = capsys.readouterr().out
+    expected_rc = cli(argv)  # in this process: builds and caches the layer tables and memory measurements
+    first = capsys.readouterr()
+    quiet_env["PPSF_DEMO_DIR"] = str(tmp_path / "fresh-demo")  # the child generates the demo dataset again
     rc, imported, output = _imports_after(argv, quiet_env)
-    assert rc == 0 and [m for m in imported if m in HEAVY] == []
-    assert output.split("IMPORTED")[0] == first  # the same report from the caches
+    assert imported == []
+    assert rc == expected_rc  # and the same report:
+    assert output.split("IMPORTED")[0] == first.out and output.endswith(first.err)
+    if preset.startswith("demo"):
+        assert rc == 0 and (tmp_path / "fresh-demo" / "shapes").is_dir()
+    if preset == "demo.toml":
+        assert "already holds a finished run (step 10)" in output
     checks._layers_of.cache_clear()
+
+
+def _finished_run(run_dir: Path, step: int) -> None:
+    """A run folder as a finished run leaves it: an intact checkpoint at `step`, the last event `done`."""
+    from safetensors.numpy import save_file
+
+    from trainers.checkpoint import CHECKPOINT_FILES, STATE_FILE, TrainerState, checkpoint_dir
+    from trainers.events import EVENTS_FILE
+
+    folder = checkpoint_dir(run_dir, step)
+    folder.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        save_file({"x": np.zeros(2, dtype=np.float32)}, str(folder / name))
+    state = TrainerState(step=step, epoch=1, batch_in_epoch=0)
+    (folder / STATE_FILE).write_text(json.dumps({"trainer": dataclasses.asdict(state), "param_groups": []}))
+    (run_dir / EVENTS_FILE).write_text(json.dumps({"type": "done", "step": step, "exported": []}) + "\n")
+
+
+def test_the_tiny_klein_vocabulary_is_counted_as_its_tokenizer_has_it() -> None:
+    from trainers.models.families import tiny_qwen_vocab_size
+    from trainers.tiny_flux import make_qwen_tokenizer
+
+    assert tiny_qwen_vocab_size() == len(make_qwen_tokenizer())
+
+
+def test_no_gpu_driver_means_no_card_and_no_torch(tmp_path, monkeypatch) -> None:
+    from trainers.memory import report
+
+    driver = tmp_path / "nvidiactl"
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(report, "GPU_DRIVER_PATHS", (str(driver),))
+    monkeypatch.setitem(sys.modules, "torch", None)  # an import of torch would raise
+    assert report.detected_card_bytes() is None
+    driver.touch()
+    assert report.gpu_driver_present()
+    with pytest.raises(ImportError):  # a driver is there: torch is asked
+        report.detected_card_bytes()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not report.gpu_driver_present()
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert report.gpu_driver_present()

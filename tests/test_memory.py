@@ -15,8 +15,9 @@ from ppsf_optim import ProdigyPlusScheduleFree
 from trainers.__main__ import main
 from trainers.config import TrainConfig, load_config, validate_config
 from trainers.memory import estimate, suggestions
-from trainers.memory.estimate import GIB, _training_step
+from trainers.memory.estimate import GIB
 from trainers.memory.measure import DeviceEmulation, LiveTensors, saved_for_backward
+from trainers.memory.measurements import _training_step
 from trainers.memory.optimizer_state import optimizer_bytes
 from trainers.models.sdxl_memory import SDXLMemoryModel
 from trainers.tiny_models import make_tiny_sdxl_pipeline

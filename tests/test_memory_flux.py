@@ -12,8 +12,9 @@ import torch
 
 from trainers.config import TrainConfig, load_config, validate_config
 from trainers.memory import estimate
-from trainers.memory.estimate import GIB, _training_step
+from trainers.memory.estimate import GIB
 from trainers.memory.measure import DeviceEmulation
+from trainers.memory.measurements import _training_step
 from trainers.models import memory_model_for
 from trainers.models.flux_memory import Flux2MemoryModel, FluxMemoryModel
 from trainers.tiny_flux import make_tiny_flux_pipeline, make_tiny_klein_pipeline

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "control":
         return _control(args.run_dir, args.action)
-    if args.command == "check":  # imports no model library: answers in a second or two
+    if args.command == "check":  # imports neither torch nor a model library once its tables are cached
         return _check(args)
     quiet_warnings.install()  # before diffusers and transformers are imported
     if args.command == "export":
@@ -89,7 +89,7 @@ def _check(args: argparse.Namespace) -> int:
     from trainers.checks import check_config, load_checked
 
     config = load_checked(args.config, args.set)
-    from trainers.memory import print_check  # torch: only once the config is known to be valid
+    from trainers.memory import print_check
 
     print_check(config, args.vram)
     problems, summary = check_config(config)

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainers.atomic import atomic_write, write_safetensors
-
-CACHE_FOLDER = ".ppsf-cache"
+from trainers.paths import CACHE_FOLDER
 
 
 def file_digest(path: Path) -> str:

@@ -6,7 +6,8 @@ runs/<name>/checkpoints/step-000250/
     trainer_state.json     step, epoch, batch, optimizer param groups, RNG states
 Written into a temporary folder and renamed, so a checkpoint folder is always complete; a checkpoint is
 removed only once a newer (or its own replacement) is complete. A folder damaged later (a truncated file) is
-not listed: `list_checkpoints` returns intact checkpoints only. Nothing is unpickled on load.
+not listed: `list_checkpoints` returns intact checkpoints only. Nothing is unpickled on load. Listing and
+checking checkpoints imports no torch (`check` notes a run folder's checkpoints in well under a second).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from trainers.atomic import fault_point, remove_path, stale_temporaries, temporary_sibling, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -79,7 +81,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{folder / STATE_FILE}: unreadable ({type(error).__name__}: {error})"
     for name in CHECKPOINT_FILES:
         try:
-            with safe_open(str(folder / name), framework="pt") as handle:
+            # numpy, not pt: the same header checks without importing torch (tensors are not read)
+            with safe_open(str(folder / name), framework="numpy") as handle:
                 handle.keys()
         except (OSError, SafetensorError) as error:
             return f"{folder / name}: unreadable ({error})"
@@ -132,6 +135,8 @@ def optimizer_state_tensors(
     optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The optimizer's per-parameter tensors by name, and its param groups with parameter names."""
+    import torch
+
     names = {id(p): name for name, p in params.items()}
     tensors = {}
     for p, state in optimizer.state.items():
@@ -182,6 +187,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint folder atomically and delete all but the newest `keep_last`, and the
     checkpoint of `keep_step` (the best validation step, which `export --best` reads) if there is one."""
+    import torch
+
     lora = {name: p.detach().to("cpu").contiguous() for name, p in params.items()}
     optimizer_tensors, groups = optimizer_state_tensors(optimizer, params)
     rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state().to("cpu")}
@@ -245,6 +252,9 @@ def load_checkpoint(
     generator: torch.Generator,
 ) -> TrainerState:
     """Restore weights, optimizer, RNG states; returns the trainer state to continue from."""
+    import torch
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     lora = load_file(folder / "lora.safetensors")
@@ -281,6 +291,8 @@ def checkpoint_lora_and_average(folder: Path) -> tuple[dict[str, torch.Tensor], 
 
     Lets export compute the schedule-free average x = (y - (1 - beta1) z) / beta1 without loading a model.
     """
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     document = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     lora = load_file(folder / "lora.safetensors")

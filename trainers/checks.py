@@ -19,7 +19,7 @@ from typing import Any, get_args
 
 from trainers.atomic import atomic_write_text
 from trainers.config import DEMO_SCHEME, ConfigError, ModelConfig, TrainConfig, load_config
-from trainers.paths import DEMO_DATASETS, DEMO_MODELS
+from trainers.paths import CACHE_FOLDER, DEMO_DATASETS, DEMO_MODELS
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 _EXPORT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -54,7 +54,7 @@ def check_config(config: TrainConfig) -> tuple[list[str], str]:
     """(problems, dataset summary) found without loading a model; no problems means ready to train."""
     from trainers.dataset import DatasetError, assign_buckets, bucket_summary, crop_warnings, scan_dataset
     from trainers.paths import resolve_dataset_path
-    from trainers.validation import check_validation
+    from trainers.validation_images import check_validation
 
     problems = config_problems(config)
     if any(problem.startswith("dataset.path") for problem in problems):
@@ -235,7 +235,8 @@ def _checkpoint_problem(path: Path, family: str) -> str | None:
     from trainers.models.families import family_for
 
     try:
-        with safe_open(str(path), framework="pt") as file:  # parses the JSON header only
+        # parses the JSON header only; numpy, not pt: the same checks without importing torch
+        with safe_open(str(path), framework="numpy") as file:
             keys = list(file.keys())
     except Exception as error:  # SafetensorError, OSError...: the header is not a safetensors one
         return (
@@ -291,8 +292,6 @@ def _write_problems(config: TrainConfig) -> list[str]:
                 "dataset.cache_text_embeddings off"
             )
         return problems
-    from trainers.cache import CACHE_FOLDER
-
     root = Path(dataset.path).expanduser()
     if not dataset.path.startswith(DEMO_SCHEME) and root.is_dir() and not _writable(root / CACHE_FOLDER):
         problems.append(

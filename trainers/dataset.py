@@ -1,6 +1,7 @@
 """Training images on disk: scanning, captions, aspect-ratio buckets and loading to tensors.
 
-No model is loaded here. Conventions follow kohya sd-scripts (``N_concept`` repeat folders, side-file
+No model is loaded here, and scanning imports no torch (nor numpy): `check` scans in a fraction of a
+second; loading to tensors imports them. Conventions follow kohya sd-scripts (``N_concept`` repeat folders, side-file
 captions, comma-separated tags with ``keep_tokens``) and the Hugging Face imagefolder ``metadata.jsonl``.
 """
 
@@ -15,12 +16,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainers.config import MAX_ASPECT
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 METADATA_FILE = "metadata.jsonl"
@@ -464,6 +467,9 @@ def load_image(item_path: Path, bucket: tuple[int, int], crop: str, rng: random.
     aspect ratio with LANCZOS so it covers the bucket, then cropped at the centre (``crop="center"``) or at
     a position drawn from ``rng`` (``crop="random"``).
     """
+    import numpy as np
+    import torch
+
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     bucket_w, bucket_h = bucket
@@ -499,6 +505,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     16-bit greyscale (a 16-bit PNG) is scaled to 8 bits; Pillow's own convert clips it at 255 instead.
     """
     if image.mode in _WIDE_GREY_MODES:
+        import numpy as np
+
         wide = np.asarray(image).astype(np.float64)
         grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255
         return Image.fromarray(grey, "L").convert("RGB")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trainers.config import DEMO_SCHEME
 
+CACHE_FOLDER = ".ppsf-cache"  # where the latent and text caches go in the dataset without dataset.cache_dir
 DEMO_MODELS = {"tiny-sdxl", "tiny-flux", "tiny-klein"}
 # name -> (images, seed): the demo's concept images, and as many others of the same concept held out
 # for validation (another seed, so none of them is trained on)

@@ -8,7 +8,8 @@ validation trains exactly as one without, and the same evaluation gives the same
 every run on the same images, and after a resume.
 
 The images: `dataset.validation` as a folder (laid out like the dataset), or a fraction of the dataset held
-out with a fixed seed (the same images whatever `training.seed` is, so runs compare).
+out with a fixed seed (the same images whatever `training.seed` is, so runs compare); which ones is
+trainers/validation_images.py's to say (`check` reads it without torch).
 """
 
 from __future__ import annotations
@@ -22,50 +23,19 @@ from typing import Any
 import torch
 
 from trainers.cache import TensorCache, file_digest, latent_key, text_key
-from trainers.config import DatasetConfig, TrainConfig
+from trainers.config import TrainConfig
 from trainers.dataset import (
     DatasetError,
     ImageItem,
     assign_buckets,
     load_image,
     process_caption,
-    scan_dataset,
 )
 from trainers.models import ModelAdapter, SampleConditioning
-from trainers.paths import resolve_dataset_path
+from trainers.validation_images import split_dataset, validation_items  # noqa: F401  (train.py imports split_dataset here)
 
-HOLD_OUT_SEED = 5_318_008  # which images a fraction holds out: fixed, so runs with other seeds compare
 NOISE_SEED = 1_234_567  # the noise of validation sample (image i, timestep j) is drawn from this + (i, j)
 VALIDATION_CROP = "center"  # one fixed crop per image, whatever dataset.crop is
-
-
-def split_dataset(dataset: DatasetConfig, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
-    """(training items, held-out items) for a fraction in `dataset.validation`; (items, []) otherwise.
-
-    Raises DatasetError when the fraction leaves no image on one side."""
-    fraction = dataset.validation
-    if not isinstance(fraction, float):
-        return items, []
-    count = round(fraction * len(items))
-    if count < 1 or count >= len(items):
-        raise DatasetError(
-            f"dataset.validation: holding out {fraction} of {len(items)} images leaves "
-            f"{'no validation image' if count < 1 else 'nothing to train on'}; "
-            f"{'raise the fraction' if count < 1 else 'lower the fraction'} or give a folder of validation images"
-        )
-    order = sorted(range(len(items)), key=lambda i: str(items[i].path))
-    held = set(random.Random(HOLD_OUT_SEED).sample(order, count))
-    return [it for i, it in enumerate(items) if i not in held], [
-        it for i, it in enumerate(items) if i in held
-    ]
-
-
-def validation_items(dataset: DatasetConfig, held_out: list[ImageItem]) -> list[ImageItem]:
-    """The validation images: the held-out ones, or those of the `dataset.validation` folder."""
-    if not isinstance(dataset.validation, str):
-        return held_out
-    scan = scan_dataset(resolve_dataset_path(dataset.validation), dataset.caption_extension)
-    return scan.items
 
 
 def timestep_quantiles(images: int, per_image: int) -> list[list[float]]:
@@ -250,23 +220,3 @@ def build_validator(config: TrainConfig, held_out: list[ImageItem]) -> Validator
             "there, or give a fraction of the dataset to hold out (e.g. 0.1)"
         )
     return Validator(config, items)
-
-
-def check_validation(dataset: DatasetConfig, items: list[ImageItem]) -> tuple[list[str], str]:
-    """(problems, summary line) of the validation images, for `check`; ([], "") without validation."""
-    if dataset.validation is None:
-        return [], ""
-    try:
-        _, held_out = split_dataset(dataset, items)
-        validation = validation_items(dataset, held_out)
-    except DatasetError as error:
-        return [
-            str(error) if str(error).startswith("dataset.validation") else f"dataset.validation: {error}"
-        ], ""
-    if not validation:
-        return [
-            f"dataset.validation: no usable image in {dataset.validation}; add images with captions there"
-        ], ""
-    if held_out:
-        return [], f"validation: {len(held_out)} of the {len(items)} images held out (not trained on)"
-    return [], f"validation: {len(validation)} images in {dataset.validation}"

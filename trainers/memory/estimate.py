@@ -15,7 +15,8 @@ On a CPU run nothing moves, so every component counts in every phase.
 
 Measuring takes seconds to a minute, so each measurement is kept under a key of exactly what it depends on
 (`measurement_keys`): found in memory, then in the bundled file (the SDXL presets' settings, shipped in the
-repo), then in the disk cache; a warm estimate reads json files and imports no model library.
+repo), then in the disk cache; a warm estimate reads json files and imports no model library, nor torch
+(measuring imports them: trainers/memory/measurements.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -33,8 +33,8 @@ from types import SimpleNamespace
 from trainers.atomic import atomic_write_text
 from trainers.config import TrainConfig
 from trainers.memory.family import Component
-from trainers.memory.measurements import Architecture, _training_step  # noqa: F401  (tests use it)
 from trainers.memory.optimizer_state import FUSED_BUCKET_BYTES
+from trainers.models.families import Architecture, family_for
 
 # Allowances for what a live-tensor count cannot see; stated, not measured (no GPU has checked them yet).
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context, cuBLAS/cuDNN handles and workspaces (typically 0.3-0.6 GiB)
@@ -107,9 +107,7 @@ def estimate(config: TrainConfig, device_type: str = "cuda") -> MemoryEstimate:
 # ------------------------------------------------------------------ measurements and their caches
 def architecture_of(config: TrainConfig) -> Architecture:
     """The family's component configs for `model.path` (read from small json files, no weights)."""
-    from trainers.models import memory_model_for
-
-    return memory_model_for(config.model.family).architecture(config)
+    return family_for(config.model.family).estimate_architecture(config)
 
 
 def _measure(config: TrainConfig, device_type: str, architecture: Architecture) -> dict[str, int | list]:
@@ -226,12 +224,11 @@ def code_version(family: str) -> str:
     """Measurements are redone when the code that makes them or a library it runs changes (read from
     the files and the installed packages' metadata: nothing is imported)."""
     from importlib.metadata import version
-
-    from trainers.models import memory_model_for
+    from importlib.util import find_spec
 
     here = Path(__file__).parent
     files = [here / name for name in _MEASURING_CODE]
-    files.append(Path(inspect.getfile(memory_model_for(family))))
+    files.append(Path(find_spec(family_for(family).memory_model[0]).origin))
     files += sorted((here.parent.parent / "ppsf_optim").glob("*.py"))
     digest = hashlib.sha256()
     for path in files:

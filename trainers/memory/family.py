@@ -2,7 +2,8 @@
 
 A family builds its real architecture from its configs on the `meta` device and runs the passes the
 trainer runs (training step, encoding, sampling); trainers/memory/estimate.py measures them and composes
-the phases in the trainer's order. Nothing here knows a family by name.
+the phases in the trainer's order. Nothing here knows a family by name. Importing this module imports no
+torch: the estimate reads `Component` from here when its measurements are cached.
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from trainers.config import TrainConfig
+from trainers.models.families import Architecture, family_for
+
+if TYPE_CHECKING:
+    import torch
 
 Role = Literal["denoiser", "text_encoder", "image_encoder"]
 
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The config's name of a dtype (bf16, fp16, fp32), else torch's own."""
+    from trainers.models.base import TORCH_DTYPES
+
+    return {value: name for name, value in TORCH_DTYPES.items()}.get(dtype, str(dtype))
 
 
 @dataclass(frozen=True)
@@ -40,19 +48,16 @@ class FamilyMemoryModel(ABC):
     tensor_device = "meta"
 
     def __init__(
-        self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
+        self, config: TrainConfig, device_type: str, architecture: Architecture | None = None
     ) -> None:
-        """`architecture`: the component configs and their source, as `architecture(config)` gives them
-        (looked up when not given)."""
+        """`architecture`: the component configs and their source, as the family's
+        `estimate_architecture(config)` gives them (trainers/models/families.py; looked up when not given)."""
         self.config = config
         self.device_type = device_type
-        self.architecture_configs, self.architecture_source = architecture or self.architecture(config)
-
-    @staticmethod
-    @abstractmethod
-    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
-        """The family's component configs for the config's model and where they came from (shown with the
-        estimate), fast: small json files, no weights, no model library imported."""
+        family = family_for(config.model.family)
+        self.architecture_configs, self.architecture_source = architecture or family.estimate_architecture(
+            config
+        )
 
     @abstractmethod
     def components(self) -> list[Component]:
@@ -66,6 +71,7 @@ class FamilyMemoryModel(ABC):
     def add_lora(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         """Inject the configured LoRA into the meta modules, as the adapter does; the trainable parameters
         by name, per component (in fp32, as the trainer trains them)."""
+        import torch
         from peft import LoraConfig, inject_adapter_in_model
 
         lora = self.config.lora

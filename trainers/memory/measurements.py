@@ -23,8 +23,7 @@ from trainers.memory.measure import (
 )
 from trainers.memory.optimizer_state import FUSED_BUCKET_BYTES, optimizer_bytes
 from trainers.models.base import TORCH_DTYPES
-
-Architecture = tuple[dict[str, dict], str]  # the family's component configs, and where they came from
+from trainers.models.families import Architecture
 
 
 def config_for_measuring(key: dict) -> TrainConfig:

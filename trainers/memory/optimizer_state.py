@@ -4,23 +4,23 @@ The per-parameter state comes from the optimizer's own `init_state`, run on a re
 LoRA shape (LoRA matrices are small, and few shapes repeat many times), with the group options the trainer
 passes. The multi-tensor step adds what it keeps between steps: a stacked copy of each batch's Prodigy
 start point `p0` and two reusable fp32 workspace buffers (tests/test_memory.py checks the total against a
-real optimizer after a step).
+real optimizer after a step). torch and the optimizer are imported when bytes are counted, so the estimate
+reads FUSED_BUCKET_BYTES without them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from ppsf_optim import ProdigyPlusScheduleFree, multi_tensor
-from ppsf_optim.reference import init_state
-from ppsf_optim.tensor_math import RoundingNoise, prodigy_slice
 from trainers.config import OptimizerConfig
 
-FUSED_BUCKET_BYTES = 16 << 20
-ACCUMULATOR_BYTES = 12  # GroupAccumulators: numerator, denominator (fp32) and a NaN/inf count (int32)  # attach_fused_backward's default, which the trainer uses
+if TYPE_CHECKING:
+    import torch
+
+FUSED_BUCKET_BYTES = 16 << 20  # attach_fused_backward's default, which the trainer uses
+ACCUMULATOR_BYTES = 12  # GroupAccumulators: numerator, denominator (fp32) and a NaN/inf count (int32)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ def optimizer_bytes(
 ) -> OptimizerBytes:
     """Bytes ppsf_optim holds for `params` (any device, meta included) after its first step, while Prodigy
     still adapts d (freezing d frees `s` and `p0`). `zero_init[i]` says params[i] starts at zero (LoRA B)."""
+    import torch
+
+    from ppsf_optim import multi_tensor
+    from ppsf_optim.reference import init_state
+    from ppsf_optim.tensor_math import RoundingNoise, prodigy_slice
+
     kinds = Counter((tuple(p.shape), p.dtype, zero) for p, zero in zip(params, zero_init))
     group = _group_options(options)
     state = stacked_p0 = 0
@@ -62,6 +68,10 @@ def optimizer_bytes(
 
 def _group_options(options: OptimizerConfig) -> dict:
     """A param group's options exactly as the trainer's optimizer would hold them."""
+    import torch
+
+    from ppsf_optim import ProdigyPlusScheduleFree
+
     kwargs = options.optimizer_kwargs()
     kwargs["fused_back_pass"] = False
     kwargs["prodigy_steps"] = 0

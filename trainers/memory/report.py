@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -16,13 +17,29 @@ class Suggestion:
     total: int  # the estimate with the change
 
 
+# What a CUDA (or ROCm) driver puts on a Linux machine, WSL2 included; without any of them torch sees no GPU.
+GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg", "/dev/kfd")
+
+
 def detected_card_bytes() -> int | None:
-    """The memory of the GPU the trainer would use, if there is one."""
+    """The memory of the GPU the trainer would use, if there is one (torch is asked only where a GPU
+    driver is installed: importing it takes seconds, and `check` answers in under two)."""
+    if not gpu_driver_present():
+        return None
     import torch
 
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory
+
+
+def gpu_driver_present() -> bool:
+    """False only where no CUDA device can be: a Linux machine without a GPU driver, or a Mac."""
+    if sys.platform == "darwin":  # torch has no CUDA build for macOS
+        return False
+    if not sys.platform.startswith("linux"):
+        return True  # Windows: ask torch
+    return any(os.path.exists(path) for path in GPU_DRIVER_PATHS)
 
 
 def card_bytes(vram_gib: float | None) -> tuple[int | None, str]:

@@ -1,8 +1,27 @@
-"""One adapter per model family; the training loop only talks to `ModelAdapter`."""
+"""One adapter per model family; the training loop only talks to `ModelAdapter`.
+
+Importing this package imports no torch: `check` reads the families' pre-load knowledge
+(trainers/models/families.py) through it; `ModelAdapter` and `SampleConditioning` (base.py, torch) are
+imported when first asked for.
+"""
 
 from __future__ import annotations
 
-from trainers.models.base import ModelAdapter, SampleConditioning
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from trainers.models.families import family_for
+
+if TYPE_CHECKING:
+    from trainers.models.base import ModelAdapter, SampleConditioning
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ModelAdapter", "SampleConditioning"):
+        from trainers.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adapter_for(family: str) -> type[ModelAdapter]:
@@ -24,15 +43,8 @@ def adapter_for(family: str) -> type[ModelAdapter]:
 
 def memory_model_for(family: str) -> type:
     """The class that builds a family's architecture on the meta device for the memory estimate."""
-    if family == "sdxl":
-        from trainers.models.sdxl_memory import SDXLMemoryModel
-
-        return SDXLMemoryModel
-    if family in ("flux", "flux2"):
-        from trainers.models.flux_memory import Flux2MemoryModel, FluxMemoryModel
-
-        return FluxMemoryModel if family == "flux" else Flux2MemoryModel
-    raise ValueError(f"model.family: no memory estimate for {family!r}; supported: sdxl, flux, flux2")
+    module, name = family_for(family).memory_model
+    return getattr(importlib.import_module(module), name)
 
 
 def transformer_target_modules(family: str, options) -> str | list[str]:

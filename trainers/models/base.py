@@ -24,27 +24,6 @@ def caption_length_warning(caption: str, tokens: int, limit: int) -> str:
     )
 
 
-def guess_model_kind(keys: list[str]) -> str:
-    """What a safetensors file with tensor names `keys` looks like, for "not a <family> model" messages."""
-
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
-
-    if not keys:
-        return "it holds no tensors"
-    if any(key.startswith(("lora_", "lora_unet_")) or ".lora_" in key or ".lora." in key for key in keys):
-        return "it looks like a LoRA, not a base model"
-    if has("double_stream_modulation_img."):
-        return "it looks like a Flux.2 (Klein) model"
-    if has("double_blocks.") or has("single_transformer_blocks."):
-        return "it looks like a Flux model"
-    if has("cond_stage_model.") or keys[0].startswith("model.diffusion_model."):
-        return "it looks like a Stable Diffusion 1.x/2.x checkpoint"
-    if any(key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in keys):
-        return "it looks like a diffusers UNet alone; give the whole pipeline folder"
-    return f"{len(keys)} tensors of another kind"
-
-
 @dataclass(frozen=True)
 class SampleConditioning:
     """Per-image facts some families condition on (SDXL's micro-conditioning)."""

@@ -1,20 +1,22 @@
-"""What each family's adapter knows before anything loads, importing no model library: whether a single
-file is this family's model (from its header's tensor names), which config fields name LoRA targets of
-which component, the demo models' component configs, and the meta-device build of a component (diffusers
-or transformers imported inside, only when a layer table is not cached).
+"""What each family's adapter knows before anything loads, importing no model library (nor torch): whether
+a single file is this family's model (from its header's tensor names), which config fields name LoRA
+targets of which component, the demo models' component configs, the architecture configs the memory
+estimate measures, and the meta-device build of a component (diffusers or transformers imported inside,
+only when a layer table is not cached).
 
 `python -m trainers check` reads these through `family_for`; the adapters (sdxl.py, flux.py, flux2.py)
-inherit them, so there is one definition of each.
+and the memory models (sdxl_memory.py, flux_memory.py) use them, so there is one definition of each.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainers.config import DEMO_SCHEME, TrainConfig
-from trainers.models.base import guess_model_kind
 
 if TYPE_CHECKING:
     import torch
@@ -22,12 +24,61 @@ if TYPE_CHECKING:
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Keys every SDXL single-file checkpoint has: its UNet, and the second (OpenCLIP bigG) text encoder.
 SDXL_KEY_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
+# The published configs of the model repos (SDXL base 1.0 and the black-forest-labs repos), for models
+# whose own configs are not on this machine.
+CONFIGS = Path(__file__).parent / "configs"
+KNOWN_SDXL_REPOS = {
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "stabilityai/sdxl-turbo",
+    "RunDiffusion/Juggernaut-XL-v9",
+    "cagliostrolab/animagine-xl-3.1",
+}
+
+Architecture = tuple[dict[str, dict], str]  # the components' configs, and where they came from
+
+
+def guess_model_kind(keys: list[str]) -> str:
+    """What a safetensors file with tensor names `keys` looks like, for "not a <family> model" messages."""
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) or f".{prefix}" in key for key in keys)
+
+    if not keys:
+        return "it holds no tensors"
+    if any(key.startswith(("lora_", "lora_unet_")) or ".lora_" in key or ".lora." in key for key in keys):
+        return "it looks like a LoRA, not a base model"
+    if has("double_stream_modulation_img."):
+        return "it looks like a Flux.2 (Klein) model"
+    if has("double_blocks.") or has("single_transformer_blocks."):
+        return "it looks like a Flux model"
+    if has("cond_stage_model.") or keys[0].startswith("model.diffusion_model."):
+        return "it looks like a Stable Diffusion 1.x/2.x checkpoint"
+    if any(key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in keys):
+        return "it looks like a diffusers UNet alone; give the whole pipeline folder"
+    return f"{len(keys)} tensors of another kind"
+
+
+def _read_configs(parts: Iterable[str], path_of: Callable[[str], Path]) -> dict[str, dict]:
+    return {part: json.loads(path_of(part).read_text(encoding="utf-8")) for part in parts}
+
+
+def _hub_cached_configs(repo: str, parts: tuple[str, ...]) -> dict[str, dict] | None:
+    """The components' configs of a Hub repo in the local Hugging Face cache, or None if one is missing."""
+    from huggingface_hub import try_to_load_from_cache
+
+    paths = {part: try_to_load_from_cache(repo, f"{part}/config.json") for part in parts}
+    if not all(isinstance(path, str) for path in paths.values()):
+        return None
+    return _read_configs(parts, lambda part: Path(paths[part]))
 
 
 class SDXLFamily:
     family = "sdxl"
     model_file_hint = "an SDXL .safetensors checkpoint"
     components = ("unet", "text_encoder", "text_encoder_2")
+    # what the memory estimate builds (module, class), and the component configs it reads
+    memory_model = ("trainers.models.sdxl_memory", "SDXLMemoryModel")
+    architecture_parts = ("unet", "text_encoder", "text_encoder_2", "vae")
 
     # ------------------------------------------------------------------ checks before loading
     @classmethod
@@ -68,6 +119,39 @@ class SDXLFamily:
         model_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
         return model_class(CLIPTextConfig.from_dict(config))
 
+    # ------------------------------------------------------------------ the memory estimate's architecture
+    @classmethod
+    def estimate_architecture(cls, config: TrainConfig) -> Architecture:
+        """The four component configs for `model.path`, and where they came from; reads no weights."""
+        model_path = config.model.path
+        if model_path.startswith(DEMO_SCHEME):
+            from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG
+
+            configs = {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": CLIP_CONFIG}
+            return {**configs, "text_encoder_2": CLIP_CONFIG}, f"the demo model's own configs ({model_path})"
+        parts = cls.architecture_parts
+        folder = Path(model_path).expanduser()
+        if folder.is_dir() and (folder / "model_index.json").is_file():
+            return _read_configs(parts, lambda part: folder / part / "config.json"), f"{folder}'s own configs"
+        if not folder.exists() and model_path.count("/") == 1:
+            cached = _hub_cached_configs(model_path, parts)
+            if cached is not None:
+                return cached, f"{model_path}'s configs from the local Hugging Face cache"
+            if model_path in KNOWN_SDXL_REPOS:
+                return (
+                    cls._bundled(),
+                    "the bundled SDXL base 1.0 configs (the model is not in the local cache)",
+                )
+        what = "single-file checkpoint" if folder.is_file() else "model"
+        return (
+            cls._bundled(),
+            f"the bundled SDXL base 1.0 configs (assumed for this {what}: SDXL's architecture)",
+        )
+
+    @classmethod
+    def _bundled(cls) -> dict[str, dict]:
+        return _read_configs(cls.architecture_parts, lambda part: CONFIGS / "sdxl" / f"{part}.json")
+
 
 class FlowMatchingFamily:
     family: str
@@ -75,6 +159,9 @@ class FlowMatchingFamily:
     components: tuple[str, ...] = ("transformer",)
     text_encoders: tuple[str, ...] = ()
     transformer_class_name: str  # the diffusers class, imported only when a component is built
+    memory_model: tuple[str, str]  # what the memory estimate builds: (module, class)
+    architecture_parts: tuple[str, ...]  # config file stems: transformer, vae, text encoders
+    demo_model: str  # the demo model's name (model.path demo://<name>)
     # tensor-name prefixes a single transformer file of this family has (BFL or diffusers naming), and
     # prefixes that mark the other Flux family
     file_key_prefixes: tuple[str, ...] = ()
@@ -111,6 +198,36 @@ class FlowMatchingFamily:
     def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
         return getattr(importlib.import_module("diffusers"), cls.transformer_class_name).from_config(config)
 
+    # ------------------------------------------------------------------ the memory estimate's architecture
+    @classmethod
+    def estimate_architecture(cls, config: TrainConfig) -> Architecture:
+        """The component configs for `model.path` (or `flux.components_path`), and where they came from;
+        reads no weights."""
+        path, options = config.model.path, config.flux
+        if path == DEMO_SCHEME + cls.demo_model:
+            return cls._demo_configs(), f"the demo model's own configs ({path})"
+        # a single transformer file takes the rest (and its architecture) from components_path
+        source = options.components_path or path
+        folder = Path(source).expanduser()
+        parts = cls.architecture_parts
+        if folder.is_dir() and (folder / "model_index.json").is_file():
+            return _read_configs(parts, lambda part: folder / part / "config.json"), f"{folder}'s own configs"
+        if not folder.exists() and source.count("/") == 1:
+            cached = _hub_cached_configs(source, parts)
+            if cached is not None:
+                return cached, f"{source}'s configs from the local Hugging Face cache"
+        name = cls._bundled_name(source, options)
+        bundled = _read_configs(parts, lambda part: CONFIGS / name / f"{part}.json")
+        return bundled, f"the bundled {name} configs (assumed for {source})"
+
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def _demo_configs(cls) -> dict[str, dict]:
+        raise NotImplementedError
+
 
 class FluxFamily(FlowMatchingFamily):
     family = "flux"
@@ -118,6 +235,9 @@ class FluxFamily(FlowMatchingFamily):
     components = ("transformer", "text_encoder")  # the transformer, then CLIP-L when it trains
     text_encoders = ("text_encoder", "text_encoder_2")
     transformer_class_name = "FluxTransformer2DModel"
+    memory_model = ("trainers.models.flux_memory", "FluxMemoryModel")
+    architecture_parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    demo_model = "tiny-flux"
     file_key_prefixes = ("double_blocks.", "single_transformer_blocks.")  # BFL / diffusers names
     foreign_key_prefixes = ("double_stream_modulation_img.",)  # Klein's shared modulation
 
@@ -146,6 +266,24 @@ class FluxFamily(FlowMatchingFamily):
 
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
 
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
+        asked = options.variant
+        schnell = asked == "schnell" or (asked == "auto" and "schnell" in path.lower())
+        return "flux1-schnell" if schnell else "flux1-dev"
+
+    @classmethod
+    def _demo_configs(cls) -> dict[str, dict]:
+        from trainers.tiny_flux import FLUX_TRANSFORMER_CONFIG, FLUX_VAE_CONFIG, T5_CONFIG
+        from trainers.tiny_models import CLIP_CONFIG
+
+        return {
+            "transformer": {**FLUX_TRANSFORMER_CONFIG, "guidance_embeds": True},
+            "vae": FLUX_VAE_CONFIG,
+            "text_encoder": CLIP_CONFIG,
+            "text_encoder_2": T5_CONFIG,
+        }
+
 
 class Flux2Family(FlowMatchingFamily):
     family = "flux2"
@@ -154,6 +292,9 @@ class Flux2Family(FlowMatchingFamily):
     text_encoders = ("text_encoder",)
     transformer_class_name = "Flux2Transformer2DModel"
     file_key_prefixes = ("double_stream_modulation_img.",)  # the modulation all Flux.2 blocks share
+    memory_model = ("trainers.models.flux_memory", "Flux2MemoryModel")
+    architecture_parts = ("transformer", "vae", "text_encoder")
+    demo_model = "tiny-klein"
 
     @classmethod
     def component_config(cls, model_path: str, component: str) -> dict | None:
@@ -162,6 +303,30 @@ class Flux2Family(FlowMatchingFamily):
         from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG
 
         return dict(KLEIN_TRANSFORMER_CONFIG)
+
+    @classmethod
+    def _bundled_name(cls, path: str, options) -> str:
+        return "flux2-klein-9b" if "9b" in path.lower() else "flux2-klein-4b"
+
+    @classmethod
+    def _demo_configs(cls) -> dict[str, dict]:
+        from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG, KLEIN_VAE_CONFIG, QWEN_CONFIG
+
+        return {
+            "transformer": KLEIN_TRANSFORMER_CONFIG,
+            "vae": KLEIN_VAE_CONFIG,
+            "text_encoder": {**QWEN_CONFIG, "vocab_size": tiny_qwen_vocab_size()},
+        }
+
+
+def tiny_qwen_vocab_size() -> int:
+    """The vocabulary of tiny_flux.make_qwen_tokenizer (as make_tiny_klein_pipeline sizes the embedding),
+    counted without building it (transformers takes seconds to import): one token per byte, its one
+    merge, and the chat specials; tests/test_cli_startup.py holds it to len(make_qwen_tokenizer())."""
+    from trainers.tiny_flux import QWEN_SPECIAL_TOKENS
+    from trainers.tiny_models import _bytes_to_unicode
+
+    return len(_bytes_to_unicode()) + 1 + len(QWEN_SPECIAL_TOKENS)
 
 
 FAMILIES: dict[str, type] = {"sdxl": SDXLFamily, "flux": FluxFamily, "flux2": Flux2Family}

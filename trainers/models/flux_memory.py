@@ -5,18 +5,16 @@ one scale per output row (counted at 4 bytes); activations are measured on the u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from trainers.config import DEMO_SCHEME, TrainConfig
-from trainers.memory.family import PRECISION_NAMES, Component, FamilyMemoryModel
+from trainers.config import TrainConfig
+from trainers.memory.family import Component, FamilyMemoryModel, precision_name
 from trainers.models.base import TORCH_DTYPES
+from trainers.models.families import Flux2Family, FluxFamily
 from trainers.models.flow_matching import flow_matching_loss, flux_options, noisy_latents
 
-CONFIGS = Path(__file__).parent / "configs"  # the published configs of the black-forest-labs repos
 CLIP_TOKENS = 77
 SCALE_BYTES = 4  # per output row of a quantised Linear (torchao keeps one scale per row)
 
@@ -27,7 +25,6 @@ class _FlowMemoryModel(FamilyMemoryModel):
     family: str
     parts: tuple[str, ...]  # config file stems: transformer, vae, text encoders
     text_encoders: tuple[str, ...]
-    tiny: str  # the demo model's path
 
     def __init__(
         self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
@@ -44,53 +41,13 @@ class _FlowMemoryModel(FamilyMemoryModel):
             module.eval()
             torch.nn.Module.to(module, self.dtype)  # the adapters load the whole pipeline in the run's dtype
 
-    # ------------------------------------------------------------------ configs
     def _build(self, configs: dict[str, dict]) -> None:
         raise NotImplementedError
-
-    @classmethod
-    def _bundled_name(cls, path: str, options) -> str:
-        raise NotImplementedError
-
-    @classmethod
-    def _tiny_configs(cls) -> dict[str, dict]:
-        raise NotImplementedError
-
-    @classmethod
-    def architecture(cls, config: TrainConfig) -> tuple[dict[str, dict], str]:
-        path, options = config.model.path, flux_options(config)
-        if path == DEMO_SCHEME + cls.tiny:
-            return cls._tiny_configs(), f"the demo model's own configs ({path})"
-        # a single transformer file takes the rest (and its architecture) from components_path
-        source = options.components_path or path
-        folder = Path(source).expanduser()
-        if folder.is_dir() and (folder / "model_index.json").is_file():
-            return cls._read(lambda part: folder / part / "config.json"), f"{folder}'s own configs"
-        if not folder.exists() and source.count("/") == 1:
-            cached = cls._from_hub_cache(source)
-            if cached is not None:
-                return cached, f"{source}'s configs from the local Hugging Face cache"
-        name = cls._bundled_name(source, options)
-        bundled = cls._read(lambda part: CONFIGS / name / f"{part}.json")
-        return bundled, f"the bundled {name} configs (assumed for {source})"
 
     @property
     def _is_demo(self) -> bool:
         """The tiny demo model (its tokenizers are shorter); measured configs carry no model path."""
         return self.architecture_source.startswith("the demo model")
-
-    @classmethod
-    def _read(cls, path_of: Callable[[str], Path]) -> dict[str, dict]:
-        return {part: json.loads(path_of(part).read_text(encoding="utf-8")) for part in cls.parts}
-
-    @classmethod
-    def _from_hub_cache(cls, repo: str) -> dict[str, dict] | None:
-        from huggingface_hub import try_to_load_from_cache
-
-        paths = {part: try_to_load_from_cache(repo, f"{part}/config.json") for part in cls.parts}
-        if not all(isinstance(path, str) for path in paths.values()):
-            return None
-        return cls._read(lambda part: Path(paths[part]))
 
     # ------------------------------------------------------------------ weights
     def components(self) -> list[Component]:
@@ -180,9 +137,8 @@ class FluxMemoryModel(_FlowMemoryModel):
     """Flux.1 dev / schnell: FluxTransformer2DModel, CLIP-L (pooled) + T5-XXL, the 16-channel VAE."""
 
     family = "flux"
-    parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    parts = FluxFamily.architecture_parts
     text_encoders = ("text_encoder", "text_encoder_2")
-    tiny = "tiny-flux"
 
     def _build(self, configs: dict[str, dict]) -> None:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -192,24 +148,6 @@ class FluxMemoryModel(_FlowMemoryModel):
         self.vae = AutoencoderKL.from_config(configs["vae"])
         self.text_encoder = CLIPTextModel(CLIPTextConfig(**_clean(configs["text_encoder"])))
         self.text_encoder_2 = T5EncoderModel(T5Config(**_clean(configs["text_encoder_2"])))
-
-    @classmethod
-    def _bundled_name(cls, path: str, options) -> str:
-        asked = options.variant
-        schnell = asked == "schnell" or (asked == "auto" and "schnell" in path.lower())
-        return "flux1-schnell" if schnell else "flux1-dev"
-
-    @classmethod
-    def _tiny_configs(cls) -> dict[str, dict]:
-        from trainers.tiny_flux import FLUX_TRANSFORMER_CONFIG, FLUX_VAE_CONFIG, T5_CONFIG
-        from trainers.tiny_models import CLIP_CONFIG
-
-        return {
-            "transformer": {**FLUX_TRANSFORMER_CONFIG, "guidance_embeds": True},
-            "vae": FLUX_VAE_CONFIG,
-            "text_encoder": CLIP_CONFIG,
-            "text_encoder_2": T5_CONFIG,
-        }
 
     @property
     def t5_tokens(self) -> int:
@@ -293,9 +231,8 @@ class Flux2MemoryModel(_FlowMemoryModel):
     """Flux.2 Klein 4B / 9B: Flux2Transformer2DModel, Qwen3 (three hidden layers), the 32-channel VAE."""
 
     family = "flux2"
-    parts = ("transformer", "vae", "text_encoder")
+    parts = Flux2Family.architecture_parts
     text_encoders = ("text_encoder",)
-    tiny = "tiny-klein"
     hidden_layers = (9, 18, 27)  # Flux2KleinPipeline's hidden_states_layers
 
     def _build(self, configs: dict[str, dict]) -> None:
@@ -305,26 +242,6 @@ class Flux2MemoryModel(_FlowMemoryModel):
         self.transformer = Flux2Transformer2DModel.from_config(configs["transformer"])
         self.vae = AutoencoderKLFlux2.from_config(configs["vae"])
         self.text_encoder = Qwen3ForCausalLM(Qwen3Config(**_clean(configs["text_encoder"])))
-
-    @classmethod
-    def _bundled_name(cls, path: str, options) -> str:
-        return "flux2-klein-9b" if "9b" in path.lower() else "flux2-klein-4b"
-
-    @classmethod
-    def _tiny_configs(cls) -> dict[str, dict]:
-        from trainers.tiny_flux import (
-            KLEIN_TRANSFORMER_CONFIG,
-            KLEIN_VAE_CONFIG,
-            QWEN_CONFIG,
-            make_qwen_tokenizer,
-        )
-
-        vocab = len(make_qwen_tokenizer())  # as make_tiny_klein_pipeline sizes it
-        return {
-            "transformer": KLEIN_TRANSFORMER_CONFIG,
-            "vae": KLEIN_VAE_CONFIG,
-            "text_encoder": {**QWEN_CONFIG, "vocab_size": vocab},
-        }
 
     @property
     def qwen_tokens(self) -> int:
@@ -426,7 +343,7 @@ def _component(
         if id(p) in embeddings:  # a tied lm_head: the embedding keeps its own full-precision copy
             total += full
     dtype = next(module.parameters()).dtype
-    precision = PRECISION_NAMES.get(dtype, str(dtype))
+    precision = precision_name(dtype)
     if quantization != "none":
         precision = f"{quantization} {'block Linears' if blocks_only else 'Linears'}, rest {precision}"
     return Component(

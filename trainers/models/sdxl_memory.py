@@ -3,69 +3,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from trainers.config import DEMO_SCHEME, TrainConfig
-from trainers.memory.family import PRECISION_NAMES, Component, FamilyMemoryModel
+from trainers.config import TrainConfig
+from trainers.memory.family import Component, FamilyMemoryModel, precision_name
 from trainers.models.base import TORCH_DTYPES
 
-BUNDLED = Path(__file__).parent / "configs" / "sdxl"  # stabilityai/stable-diffusion-xl-base-1.0's configs
-KNOWN_SDXL_REPOS = {
-    "stabilityai/stable-diffusion-xl-base-1.0",
-    "stabilityai/sdxl-turbo",
-    "RunDiffusion/Juggernaut-XL-v9",
-    "cagliostrolab/animagine-xl-3.1",
-}
-PARTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae": "vae"}
 TOKENS = 77  # CLIP's context: captions are padded to it
 
 
-def architecture_configs(model_path: str) -> tuple[dict[str, dict], str]:
-    """The four component configs for `model.path`, and where they came from; reads no weights."""
-    if model_path.startswith(DEMO_SCHEME):
-        from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG
-
-        configs = {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": CLIP_CONFIG}
-        return {**configs, "text_encoder_2": CLIP_CONFIG}, f"the demo model's own configs ({model_path})"
-    folder = Path(model_path).expanduser()
-    if folder.is_dir() and (folder / "model_index.json").is_file():
-        return _read(lambda part: folder / part / "config.json"), f"{folder}'s own configs"
-    if not folder.exists() and model_path.count("/") == 1:
-        cached = _from_hub_cache(model_path)
-        if cached is not None:
-            return cached, f"{model_path}'s configs from the local Hugging Face cache"
-        if model_path in KNOWN_SDXL_REPOS:
-            return _bundled(), "the bundled SDXL base 1.0 configs (the model is not in the local cache)"
-    what = "single-file checkpoint" if folder.is_file() else "model"
-    return _bundled(), f"the bundled SDXL base 1.0 configs (assumed for this {what}: SDXL's architecture)"
-
-
-def _read(path_of: Callable[[str], Path]) -> dict[str, dict]:
-    return {part: json.loads(path_of(part).read_text(encoding="utf-8")) for part in PARTS}
-
-
-def _bundled() -> dict[str, dict]:
-    return _read(lambda part: BUNDLED / f"{part}.json")
-
-
-def _from_hub_cache(repo: str) -> dict[str, dict] | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    paths = {part: try_to_load_from_cache(repo, f"{part}/config.json") for part in PARTS}
-    if not all(isinstance(path, str) for path in paths.values()):
-        return None
-    return _read(lambda part: Path(paths[part]))
-
-
 class SDXLMemoryModel(FamilyMemoryModel):
-    @staticmethod
-    def architecture(config: TrainConfig) -> tuple[dict[str, dict], str]:
-        return architecture_configs(config.model.path)
-
     def __init__(
         self, config: TrainConfig, device_type: str, architecture: tuple[dict[str, dict], str] | None = None
     ) -> None:
@@ -203,5 +152,5 @@ def _component(name: str, role: str, module: torch.nn.Module) -> Component:
         role=role,
         params=sum(p.numel() for p in frozen),
         bytes=sum(t.numel() * t.element_size() for t in tensors),
-        precision=PRECISION_NAMES.get(dtype, str(dtype)),
+        precision=precision_name(dtype),
     )
