@@ -131,7 +131,7 @@ def test_the_bundled_weights_match_the_architecture() -> None:
     header = _safetensors_header(DEMO_WEIGHTS)
     metadata = header.pop("__metadata__")
     assert metadata["command"].startswith("python -m trainers.demo_pretrain")
-    assert DEMO_WEIGHTS.stat().st_size < 2_000_000  # the repository's budget: a few MB at most
+    assert DEMO_WEIGHTS.stat().st_size < 3_000_000  # the repository's budget: a few MB at most
     random_init = make_tiny_sdxl_pipeline(seed=0, pretrained=False)
     expected = {
         f"{part}.{key}": list(value.shape)
@@ -182,6 +182,6 @@ def test_the_pretrained_model_draws_the_colours_its_caption_names() -> None:
     """The bundled base against the random init of the same architecture, on images it never saw."""
     pretrained = _follows_caption(make_tiny_sdxl_pipeline(pretrained=True))
     random_init = _follows_caption(make_tiny_sdxl_pipeline(seed=0, pretrained=False))
-    # measured: 0.47 against 0.11 (the random init's colours match a caption's now and then by chance)
-    assert np.mean(pretrained) > 0.35, pretrained
-    assert np.mean(pretrained) > np.mean(random_init) + 0.25, (pretrained, random_init)
+    # measured: 0.91 against 0.11 (the random init's colours match a caption's now and then by chance)
+    assert np.mean(pretrained) > 0.75, pretrained
+    assert np.mean(pretrained) > np.mean(random_init) + 0.5, (pretrained, random_init)

@@ -6,8 +6,8 @@ Same classes and configs as trainers/tiny_models.py (the demo://tiny-sdxl pipeli
 text encoders keep their seeded random init (the UNet learns to read them), the VAE is set to an exact 8x8
 colour mosaic codec (set_mosaic_vae), then the UNet learns the base world (trainers/demo_world.py) with
 SDXL's epsilon objective. Weights are stored in fp16, and the UNet trains on fp16-rounded encoders and VAE,
-so nothing shifts on load. Measured: 1278 s (21 min) on a busy shared 2-core CPU with `nice -n 10` and one
-thread. The figure it prints at the end (how often a sample shows the colours its caption names) is the one
+so nothing shifts on load. Measured: 646 s (11 min) on a busy shared 2-core CPU (load about 3) with `nice`
+and one thread. The figure it prints at the end (how often a sample shows the colours its caption names) is the one
 the README quotes; it is stored in the file's metadata with the command.
 """
 

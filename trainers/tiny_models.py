@@ -56,14 +56,15 @@ CLIP_CONFIG: dict = dict(
 
 _ADDITION_TIME_EMBED_DIM = 8
 
-# The notes' "(8,16), norm_num_groups=4, transformer_layers_per_block=(1,1)" row: 74,588 parameters,
-# with cross-attention in down_blocks.1, up_blocks.0 and the mid block, so LoRA on to_q/to_k/to_v/to_out.0
-# has targets on both sides of the UNet.
+# 1,028,708 parameters, with cross-attention in down_blocks.1, up_blocks.0 and the mid block, so LoRA on
+# to_q/to_k/to_v/to_out.0 has targets on both sides of the UNet. Wide enough (32/64 channels) for the demo's
+# base world: the notes' 74,588-parameter (8, 16) UNet drew a caption's colours in 19% of samples, this one
+# in 96%, and only on a base that draws shapes cleanly does the demo LoRA put its concept in most samples.
 UNET_CONFIG: dict = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
-    block_out_channels=(8, 16),
+    block_out_channels=(32, 64),
     layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -76,7 +77,7 @@ UNET_CONFIG: dict = dict(
     projection_class_embeddings_input_dim=6 * _ADDITION_TIME_EMBED_DIM + CLIP_CONFIG["projection_dim"],
     # SDXL concatenates the hidden states of both text encoders along the feature axis.
     cross_attention_dim=2 * CLIP_CONFIG["hidden_size"],
-    norm_num_groups=4,
+    norm_num_groups=8,
 )
 
 # Four blocks give vae_scale_factor 8 as in the real SDXL and Flux VAEs, so 64 px images map to 8x8
