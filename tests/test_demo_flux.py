@@ -148,11 +148,11 @@ def test_demo_path_builds_the_pretrained_model_and_rebuilds_when_the_weights_cha
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
     changed = dict(weights)
-    changed["transformer.proj_out.bias"] = weights["transformer.proj_out.bias"] + 1
+    changed["transformer.proj_out.weight"] = weights["transformer.proj_out.weight"] + 1
     save_file(changed, str(bundled))  # a newer release's weights
     assert Path(resolve_model_path(f"demo://{name}")) == folder
     saved = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    torch.testing.assert_close(saved["proj_out.bias"], changed["transformer.proj_out.bias"].float())
+    torch.testing.assert_close(saved["proj_out.weight"], changed["transformer.proj_out.weight"].float())
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [name]  # no temporary or old copy
 
 
@@ -163,7 +163,7 @@ def _named_colour_share(pipe, count: int, **call) -> float:
     for index in range(count):
         scene = base_scene(index, seed=999)
         image = pipe(
-            scene.caption,
+            prompt=scene.caption,
             num_inference_steps=8,
             height=64,
             width=64,
@@ -187,7 +187,7 @@ def test_the_pretrained_base_draws_the_colours_its_caption_names(family: str) ->
     untrained = random_init()
     untrained.vae = trained.vae
     share, random_share = _named_colour_share(trained, 6, **call), _named_colour_share(untrained, 6, **call)
-    # measured: see the README's Flux demo figures
+    # measured: Flux.1 0.91 against 0.15, Klein 0.61 against 0.14 (the random init's colours match now and then)
     assert share > 0.5 and share > random_share + 0.3, (share, random_share)
 
 
