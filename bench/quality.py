@@ -1,17 +1,18 @@
 """The end-to-end quality table: the demo's LoRA trained with this project's optimizer and with the peers'.
 
-    python bench/quality.py [--steps 300] [--every 50] [--seeds 42]
+    python bench/quality.py [--steps 300] [--every 50] [--seeds 42] [--preset presets/demo.toml] [--ours-only]
 
-Every row is the real trainer (trainers/train.py) on the demo preset (presets/demo.toml: the pretrained
-tiny SDXL model, the concept dataset demo://shapes), same steps, batches, noise and seeds; only the
-optimizer differs:
+Every row is the real trainer (trainers/train.py) on a demo preset (presets/demo.toml: the pretrained
+tiny SDXL model; presets/demo-flux.toml and demo-flux2.toml: the pretrained tiny Flux.1 and Klein models;
+all with the concept dataset demo://shapes), same steps, batches, noise and seeds; only the optimizer
+differs (`--ours-only`: only the first row, the demo's own before/after figure):
 - ppsf_optim Prodigy + ScheduleFree with the preset's settings (no learning rate to choose);
 - torch AdamW at lr 1e-4 and at lr 1e-3, constant schedule (the usual kohya/diffusers LoRA settings);
 - prodigyopt Prodigy (1.1.2) at lr 1 with a cosine schedule (the usual Prodigy recipe), plain and with
   `safeguard_warmup=True, use_bias_correction=True` (what its README suggests for diffusion models).
 At step 0 and every `--every` steps, with the weights each optimizer would export (ScheduleFree's average):
-- concept: how many of 12 samples ("sks, a circle/square/triangle", 4 seeds each, 10 steps, guidance 4)
-  the detector (trainers/demo_world.py) finds the concept in;
+- concept: how many of 12 samples ("sks, a circle/square/triangle", 4 seeds each, with the preset's sample
+  steps and guidance) the detector (trainers/demo_world.py) finds the concept in;
 - val loss: the trainer's own loss on 8 held-out concept images, with the same noise and timesteps at
   every evaluation (4 draws per image), so the numbers compare across steps and optimizers.
 """
@@ -175,8 +176,8 @@ class QualityTrainer(training.Trainer):
         )
 
 
-def run_one(name: str, peer, folder: Path, steps: int, every: int, seed: int):
-    config = load_config(PRESET)
+def run_one(name: str, peer, folder: Path, steps: int, every: int, seed: int, preset: Path = PRESET):
+    config = load_config(preset)
     overrides = {
         "name": f"quality-{len(os.listdir(folder)) if folder.exists() else 0}",
         "output_dir": str(folder),
@@ -226,21 +227,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--preset", type=Path, default=PRESET, help="a demo preset (default: the SDXL demo)")
+    parser.add_argument("--ours-only", action="store_true", help="only ppsf_optim, the demo's own run")
     args = parser.parse_args()
+    runs = dict(list(RUNS.items())[:1]) if args.ours_only else RUNS
     torch.set_num_threads(1)  # the tiny model is dominated by per-op overhead; threads only add noise
     results: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("PPSF_DEMO_DIR", str(Path(tmp) / "demo"))
-        for name, peer in RUNS.items():
+        for name, peer in runs.items():
             results[name] = []
             for seed in args.seeds:
-                rows, seconds = run_one(name, peer, Path(tmp) / "runs", args.steps, args.every, seed)
+                rows, seconds = run_one(
+                    name, peer, Path(tmp) / "runs", args.steps, args.every, seed, args.preset
+                )
                 results[name].append(rows)
                 print(f"{name}, seed {seed}: {seconds:.0f} s", file=sys.stderr)
                 for step, shown, score, loss in rows:
                     print(f"  step {step:4d}: concept {shown:2d}/12  score {score:.2f}  val loss {loss:.4f}")
     steps_shown = sorted({row[0] for row in results[next(iter(results))][0]})
-    print(f"\ndemo preset, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}\n")
+    print(f"\n{args.preset.name}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}\n")
     print(tables(results, steps_shown))
 
 

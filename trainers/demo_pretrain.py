@@ -51,8 +51,9 @@ _SHIFT = 20.0
 _LATENT_GAIN = 8.0  # unscaled latent = 8 * colour in [-1, 1]; times scaling_factor 0.13025: about unit range
 
 
-def set_mosaic_vae(vae) -> None:
-    """Give the AutoencoderKL weights that make it an exact 8x8 colour mosaic codec.
+def set_mosaic_vae(vae, latent_gain: float = _LATENT_GAIN) -> None:
+    """Give the AutoencoderKL (or AutoencoderKLFlux2: same encoder and decoder) weights that make it an exact
+    8x8 colour mosaic codec: unscaled latent channels 0-2 = `latent_gain` x the block's RGB in [-1, 1].
 
     The encoder averages each 8x8 pixel block (latent channels 0-2 = the block's RGB, channel 3 = 0); the
     decoder repeats each latent pixel over its block. Every ResNet and attention block adds zero (their
@@ -75,11 +76,11 @@ def set_mosaic_vae(vae) -> None:
             if name == "Upsample2D":
                 module.conv.weight[:, :, 1, 1] = torch.eye(module.conv.weight.shape[0])
         _colour_carrier(vae.encoder.conv_in, vae.encoder.conv_norm_out, in_gain=1.0)
-        _colour_carrier(vae.decoder.conv_in, vae.decoder.conv_norm_out, in_gain=_LATENT_GAIN)
+        _colour_carrier(vae.decoder.conv_in, vae.decoder.conv_norm_out, in_gain=latent_gain)
         encoder_out = vae.encoder.conv_out
         for channel in range(3):
-            encoder_out.weight[channel, channel, 1, 1] = _LATENT_GAIN
-            encoder_out.bias[channel] = -_SHIFT * _LATENT_GAIN
+            encoder_out.weight[channel, channel, 1, 1] = latent_gain
+            encoder_out.bias[channel] = -_SHIFT * latent_gain
         latent_channels = vae.config.latent_channels
         encoder_out.bias[latent_channels:] = -30.0  # log-variance: the posterior's noise is exp(-15)
         decoder_out = vae.decoder.conv_out
@@ -87,7 +88,8 @@ def set_mosaic_vae(vae) -> None:
             decoder_out.weight[channel, channel, 1, 1] = 1.0
             decoder_out.bias[channel] = -_SHIFT
         for conv in (vae.quant_conv, vae.post_quant_conv):
-            conv.weight[:, :, 0, 0] = torch.eye(conv.weight.shape[0])
+            if conv is not None:  # Flux.1's VAE has none
+                conv.weight[:, :, 0, 0] = torch.eye(conv.weight.shape[0])
 
 
 def _colour_carrier(conv_in, norm_out, in_gain: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 from trainers.config import DEMO_SCHEME
@@ -30,15 +31,16 @@ def resolve_model_path(path: str) -> str:
 
 
 def _demo_model_builder(name: str):
-    """The function that builds demo model `name` into a folder (imported late: they pull in diffusers)."""
+    """The function that builds demo model `name` into a folder (imported late: they pull in diffusers).
+    Every demo model holds its bundled pretrained weights."""
     if name == "tiny-flux":
         from trainers.tiny_flux import build_tiny_flux
 
-        return build_tiny_flux
+        return partial(build_tiny_flux, pretrained=True)
     if name == "tiny-klein":
         from trainers.tiny_flux import build_tiny_klein
 
-        return build_tiny_klein
+        return partial(build_tiny_klein, pretrained=True)
     from trainers.tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl

@@ -152,7 +152,11 @@ def _learn_bpe_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     for word in dict.fromkeys(words):
         chars = [byte_chars[b] for b in word.lower().encode("utf-8")]
         sequences.append(chars[:-1] + [chars[-1] + "</w>"])
+    return learn_merges(sequences)
 
+
+def learn_merges(sequences: list[list[str]]) -> list[tuple[str, str]]:
+    """BPE training on symbol ``sequences``: merge the most frequent adjacent pair until each is one symbol."""
     merges: list[tuple[str, str]] = []
     while True:
         pair_counts: Counter[tuple[str, str]] = Counter()
@@ -251,18 +255,21 @@ def make_tiny_sdxl_pipeline(seed: int = 0, pretrained: bool = False) -> StableDi
     )
 
 
-def _load_demo_weights(modules: dict[str, torch.nn.Module]) -> None:
-    """Load DEMO_WEIGHTS (keys "<module>.<parameter>", fp16) into ``modules`` as float32, every key
-    required and none left over."""
+def _load_demo_weights(
+    modules: dict[str, torch.nn.Module],
+    weights_file: Path = DEMO_WEIGHTS,
+    rebuild: str = "python -m trainers.demo_pretrain",
+) -> None:
+    """Load ``weights_file`` (keys "<module>.<parameter>", fp16) into ``modules`` as float32, every key
+    required and none left over; ``rebuild`` is the command that makes the file."""
     import torch
     from safetensors.torch import load_file
 
-    if not DEMO_WEIGHTS.is_file():
+    if not weights_file.is_file():
         raise FileNotFoundError(
-            f"{DEMO_WEIGHTS} is missing (it ships with the repository); rebuild it with "
-            "`python -m trainers.demo_pretrain`"
+            f"{weights_file} is missing (it ships with the repository); rebuild it with `{rebuild}`"
         )
-    weights = load_file(DEMO_WEIGHTS)
+    weights = load_file(weights_file)
     for name, module in modules.items():
         prefix = f"{name}."
         state = {
@@ -271,7 +278,7 @@ def _load_demo_weights(modules: dict[str, torch.nn.Module]) -> None:
         module.load_state_dict(state, strict=True)
     unknown = {key.split(".", 1)[0] for key in weights} - set(modules)
     if unknown:
-        raise ValueError(f"{DEMO_WEIGHTS} holds weights for unknown modules: {sorted(unknown)}")
+        raise ValueError(f"{weights_file} holds weights for unknown modules: {sorted(unknown)}")
 
 
 def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Path:
@@ -286,11 +293,21 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Pat
     temporary sibling and renamed into place, so ``folder`` is either complete or absent.
     Raises FileExistsError if ``folder`` exists, is not empty and holds no pipeline.
     """
+    identity = weights_identity(DEMO_WEIGHTS, seed, pretrained)
+    return build_pipeline_folder(folder, lambda: make_tiny_sdxl_pipeline(seed, pretrained), identity)
+
+
+def build_pipeline_folder(folder: Path, make, identity: str) -> Path:
+    """Save the pipeline ``make()`` returns into ``folder`` (safetensors) unless it already holds one built
+    from ``identity`` (its WEIGHTS_MARKER file); a random init (identity "random init, ...") is kept as
+    found. A folder built from other weights is replaced, the old copy removed only once the new one is
+    in place. Saved into a hidden temporary sibling and renamed into place: complete or absent.
+    """
     folder = Path(folder)
-    identity = _weights_identity(seed, pretrained)
     if (folder / "model_index.json").is_file():
         marker = folder / WEIGHTS_MARKER
-        if not pretrained or (marker.is_file() and marker.read_text(encoding="utf-8") == identity):
+        random_init = identity.startswith("random init")
+        if random_init or (marker.is_file() and marker.read_text(encoding="utf-8") == identity):
             return folder
     else:
         _check_replaceable(folder)
@@ -298,7 +315,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Pat
 
     tmp = temporary_sibling(folder)
     try:
-        make_tiny_sdxl_pipeline(seed, pretrained).save_pretrained(tmp, safe_serialization=True)
+        make().save_pretrained(tmp, safe_serialization=True)
         (tmp / WEIGHTS_MARKER).write_text(identity, encoding="utf-8")
         if (folder / "model_index.json").is_file():
             _replace(folder, tmp)
@@ -311,11 +328,11 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, pretrained: bool = True) -> Pat
     return folder
 
 
-def _weights_identity(seed: int, pretrained: bool) -> str:
+def weights_identity(weights_file: Path, seed: int, pretrained: bool) -> str:
     """What a built folder's weights come from: the bundled file's digest, or the random init's seed."""
     if not pretrained:
         return f"random init, seed {seed}\n"
-    return f"{DEMO_WEIGHTS.name} sha256 {hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()}\n"
+    return f"{weights_file.name} sha256 {hashlib.sha256(weights_file.read_bytes()).hexdigest()}\n"
 
 
 def _replace(folder: Path, new: Path) -> None:
