@@ -108,9 +108,10 @@ def test_8bit_base_counts_block_linears_at_one_byte(kind: str) -> None:
 
 
 def real_tiny_model(family: str, config: TrainConfig):
-    """The family's passes on the real tiny modules (random weights) on the CPU."""
+    """The family's passes on the real demo modules (what demo://tiny-flux and tiny-klein hold) on the CPU."""
     model = TINY[family][1](config, "cpu")
-    pipe = make_tiny_flux_pipeline(seed=0) if family == "flux" else make_tiny_klein_pipeline(seed=0)
+    make = make_tiny_flux_pipeline if family == "flux" else make_tiny_klein_pipeline
+    pipe = make(seed=0, pretrained=True)
     for name in model.parts:
         module = getattr(pipe, name)
         module.requires_grad_(False)

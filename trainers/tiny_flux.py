@@ -133,11 +133,9 @@ def make_t5_tokenizer(words=TOKENIZER_WORDS):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def make_qwen_tokenizer(words=TOKENIZER_WORDS):
-    """A byte-level BPE Qwen2 tokenizer with Qwen3's chat specials, whose merges make each of `words` one
-    token (alone and after a space, "red" and " red"); any other text falls back to one token per byte."""
-    from transformers import Qwen2TokenizerFast
-
+def qwen_vocab_and_merges(words=TOKENIZER_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level BPE vocabulary and merges of make_qwen_tokenizer (plain Python: `check` sizes the
+    demo's text encoder from it without importing transformers)."""
     byte_chars = _bytes_to_unicode()
     space = byte_chars[ord(" ")]
     spelled = [[byte_chars[b] for b in word.encode("utf-8")] for word in dict.fromkeys(words)]
@@ -149,6 +147,15 @@ def make_qwen_tokenizer(words=TOKENIZER_WORDS):
         vocab.setdefault(left + right, len(vocab))
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
+    return vocab, merges
+
+
+def make_qwen_tokenizer(words=TOKENIZER_WORDS):
+    """A byte-level BPE Qwen2 tokenizer with Qwen3's chat specials, whose merges make each of `words` one
+    token (alone and after a space, "red" and " red"); any other text falls back to one token per byte."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab, merges = qwen_vocab_and_merges(words)
     tokenizer = Qwen2TokenizerFast(
         vocab=vocab,
         merges=merges,

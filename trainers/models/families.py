@@ -254,9 +254,9 @@ class FluxFamily(FlowMatchingFamily):
     def component_config(cls, model_path: str, component: str) -> dict | None:
         if model_path != DEMO_SCHEME + "tiny-flux":
             return None
-        from trainers.tiny_flux import CLIP_CONFIG, FLUX_TRANSFORMER_CONFIG
+        from trainers.tiny_flux import CLIP_CONFIG, DEMO_FLUX_TRANSFORMER_CONFIG
 
-        return dict(FLUX_TRANSFORMER_CONFIG) if component == "transformer" else dict(CLIP_CONFIG)
+        return dict(DEMO_FLUX_TRANSFORMER_CONFIG) if component == "transformer" else dict(CLIP_CONFIG)
 
     @classmethod
     def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
@@ -274,12 +274,12 @@ class FluxFamily(FlowMatchingFamily):
 
     @classmethod
     def _demo_configs(cls) -> dict[str, dict]:
-        from trainers.tiny_flux import FLUX_TRANSFORMER_CONFIG, FLUX_VAE_CONFIG, T5_CONFIG
+        from trainers.tiny_flux import DEMO_FLUX_TRANSFORMER_CONFIG, DEMO_FLUX_VAE_CONFIG, T5_CONFIG
         from trainers.tiny_models import CLIP_CONFIG
 
         return {
-            "transformer": {**FLUX_TRANSFORMER_CONFIG, "guidance_embeds": True},
-            "vae": FLUX_VAE_CONFIG,
+            "transformer": {**DEMO_FLUX_TRANSFORMER_CONFIG, "guidance_embeds": True},
+            "vae": DEMO_FLUX_VAE_CONFIG,
             "text_encoder": CLIP_CONFIG,
             "text_encoder_2": T5_CONFIG,
         }
@@ -300,9 +300,9 @@ class Flux2Family(FlowMatchingFamily):
     def component_config(cls, model_path: str, component: str) -> dict | None:
         if model_path != DEMO_SCHEME + "tiny-klein":
             return None
-        from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG
+        from trainers.tiny_flux import DEMO_KLEIN_TRANSFORMER_CONFIG
 
-        return dict(KLEIN_TRANSFORMER_CONFIG)
+        return dict(DEMO_KLEIN_TRANSFORMER_CONFIG)
 
     @classmethod
     def _bundled_name(cls, path: str, options) -> str:
@@ -310,23 +310,22 @@ class Flux2Family(FlowMatchingFamily):
 
     @classmethod
     def _demo_configs(cls) -> dict[str, dict]:
-        from trainers.tiny_flux import KLEIN_TRANSFORMER_CONFIG, KLEIN_VAE_CONFIG, QWEN_CONFIG
+        from trainers.tiny_flux import DEMO_KLEIN_TRANSFORMER_CONFIG, DEMO_KLEIN_VAE_CONFIG, QWEN_CONFIG
 
         return {
-            "transformer": KLEIN_TRANSFORMER_CONFIG,
-            "vae": KLEIN_VAE_CONFIG,
+            "transformer": DEMO_KLEIN_TRANSFORMER_CONFIG,
+            "vae": DEMO_KLEIN_VAE_CONFIG,
             "text_encoder": {**QWEN_CONFIG, "vocab_size": tiny_qwen_vocab_size()},
         }
 
 
 def tiny_qwen_vocab_size() -> int:
     """The vocabulary of tiny_flux.make_qwen_tokenizer (as make_tiny_klein_pipeline sizes the embedding),
-    counted without building it (transformers takes seconds to import): one token per byte, its one
-    merge, and the chat specials; tests/test_cli_startup.py holds it to len(make_qwen_tokenizer())."""
-    from trainers.tiny_flux import QWEN_SPECIAL_TOKENS
-    from trainers.tiny_models import _bytes_to_unicode
+    counted without building it (transformers takes seconds to import); tests/test_cli_startup.py holds
+    it to len(make_qwen_tokenizer())."""
+    from trainers.tiny_flux import qwen_vocab_and_merges
 
-    return len(_bytes_to_unicode()) + 1 + len(QWEN_SPECIAL_TOKENS)
+    return len(qwen_vocab_and_merges()[0])
 
 
 FAMILIES: dict[str, type] = {"sdxl": SDXLFamily, "flux": FluxFamily, "flux2": Flux2Family}
