@@ -30,10 +30,11 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SDXL (fixed seed), built once for the session: read-only, a test that changes it copies it."""
+    """The tests' tiny SDXL (random init, fixed seed; smaller than the demo model), built once for the
+    session: read-only, a test that changes it copies it."""
     from trainers.tiny_models import build_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl", pretrained=False)
 
 
 @pytest.fixture

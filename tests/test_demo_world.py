@@ -132,7 +132,7 @@ def test_the_bundled_weights_match_the_architecture() -> None:
     metadata = header.pop("__metadata__")
     assert metadata["command"].startswith("python -m trainers.demo_pretrain")
     assert DEMO_WEIGHTS.stat().st_size < 3_000_000  # the repository's budget: a few MB at most
-    random_init = make_tiny_sdxl_pipeline(seed=0, pretrained=False)
+    random_init = make_tiny_sdxl_pipeline(seed=0, demo_architecture=True)
     expected = {
         f"{part}.{key}": list(value.shape)
         for part in ("text_encoder", "text_encoder_2", "vae", "unet")
@@ -181,7 +181,7 @@ def _follows_caption(pipe, count: int = 6) -> list[float]:
 def test_the_pretrained_model_draws_the_colours_its_caption_names() -> None:
     """The bundled base against the random init of the same architecture, on images it never saw."""
     pretrained = _follows_caption(make_tiny_sdxl_pipeline(pretrained=True))
-    random_init = _follows_caption(make_tiny_sdxl_pipeline(seed=0, pretrained=False))
+    random_init = _follows_caption(make_tiny_sdxl_pipeline(seed=0, demo_architecture=True))
     # measured: 0.91 against 0.11 (the random init's colours match a caption's now and then by chance)
     assert np.mean(pretrained) > 0.75, pretrained
     assert np.mean(pretrained) > np.mean(random_init) + 0.5, (pretrained, random_init)

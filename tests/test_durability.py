@@ -349,7 +349,7 @@ def test_a_real_full_disk(tmp_path, reference) -> None:
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         pytest.skip("mounting a tiny tmpfs needs root on Linux")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")

@@ -333,11 +333,11 @@ def test_the_cache_key_follows_the_architecture_not_the_model_path(tmp_path: Pat
     """A diffusers folder with the demo model's configs is the same architecture: the measurement is
     shared; a changed field that shapes the model is a different one."""
     from trainers.memory.estimate import architecture_of, measurement_keys
-    from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG
+    from trainers.tiny_models import CLIP_CONFIG, DEMO_UNET_CONFIG, VAE_CONFIG
 
     folder = tmp_path / "tiny-sdxl"
     configs = {
-        "unet": UNET_CONFIG,
+        "unet": DEMO_UNET_CONFIG,
         "vae": VAE_CONFIG,
         "text_encoder": CLIP_CONFIG,
         "text_encoder_2": CLIP_CONFIG,

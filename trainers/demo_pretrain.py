@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     torch.manual_seed(args.seed)
-    pipe = make_tiny_sdxl_pipeline(seed=args.seed, pretrained=False)
+    pipe = make_tiny_sdxl_pipeline(seed=args.seed, demo_architecture=True)
     for part in ("text_encoder", "text_encoder_2"):
         _round_to_fp16(getattr(pipe, part))
     set_mosaic_vae(pipe.vae)

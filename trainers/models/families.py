@@ -104,9 +104,9 @@ class SDXLFamily:
     def component_config(cls, model_path: str, component: str) -> dict | None:
         if not model_path.startswith(DEMO_SCHEME):
             return None
-        from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG
+        from trainers.tiny_models import CLIP_CONFIG, DEMO_UNET_CONFIG
 
-        return dict(UNET_CONFIG) if component == "unet" else dict(CLIP_CONFIG)
+        return dict(DEMO_UNET_CONFIG) if component == "unet" else dict(CLIP_CONFIG)
 
     @classmethod
     def meta_component(cls, component: str, config: dict) -> torch.nn.Module:
@@ -125,9 +125,9 @@ class SDXLFamily:
         """The four component configs for `model.path`, and where they came from; reads no weights."""
         model_path = config.model.path
         if model_path.startswith(DEMO_SCHEME):
-            from trainers.tiny_models import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG
+            from trainers.tiny_models import CLIP_CONFIG, DEMO_UNET_CONFIG, VAE_CONFIG
 
-            configs = {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": CLIP_CONFIG}
+            configs = {"unet": DEMO_UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": CLIP_CONFIG}
             return {**configs, "text_encoder_2": CLIP_CONFIG}, f"the demo model's own configs ({model_path})"
         parts = cls.architecture_parts
         folder = Path(model_path).expanduser()
