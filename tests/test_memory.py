@@ -45,9 +45,9 @@ def tiny_config(**sections) -> TrainConfig:
 
 
 def real_tiny_model(config: TrainConfig) -> SDXLMemoryModel:
-    """The family's passes on the real tiny SDXL modules (random weights) on the CPU."""
+    """The family's passes on the real demo architecture (demo://tiny-sdxl, random weights) on the CPU."""
     model = SDXLMemoryModel(config, "cpu")
-    pipe = make_tiny_sdxl_pipeline(seed=0)
+    pipe = make_tiny_sdxl_pipeline(seed=0, demo_architecture=True)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name)
         module.requires_grad_(False)
