@@ -160,7 +160,9 @@ def test_fused_backward_equals_plain_step(tmp_path, tiny_model, dataset) -> None
     plain = run(tmp_path / "b", tiny_model, dataset, optimizer={"d0": 1e-4, "fused_back_pass": False})
     assert step_losses(fused) == pytest.approx(step_losses(plain), rel=1e-4)
     d = [[e["groups"][0]["d"] for e in read_events(r) if e["type"] == "step"] for r in (fused, plain)]
-    assert d[0] == pytest.approx(d[1], rel=1e-4)
+    # d sums over every LoRA tensor in another order on each path; its estimate carries that rounding on
+    # (measured up to 9e-4 relative on the tests' random-init tiny model)
+    assert d[0] == pytest.approx(d[1], rel=2e-3)
     a, b = final_lora(fused), final_lora(plain)
     scale = max(float(t.abs().max()) for t in b.values())
     for key in a:  # summation order differs; at d ~ 0.03 rounding grows to ~0.5% of the weights, as it
