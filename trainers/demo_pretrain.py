@@ -207,15 +207,16 @@ def caption_follow_rate(pipe, count: int = 16, seed: int = 1000, steps: int = 10
     return hits / count
 
 
-def save_weights(pipe, path: Path, metadata: dict[str, str]) -> None:
-    """All four modules' weights in one fp16 safetensors file, keys prefixed by the module's name."""
+def save_weights(pipe, parts: tuple[str, ...], path: Path, metadata: dict[str, str]) -> None:
+    """The modules' weights (buffers included: Klein's BatchNorm statistics) in one fp16 safetensors file,
+    keys prefixed by the module's name."""
     from safetensors.torch import save_file
 
     from trainers.atomic import atomic_write
 
     tensors = {
         f"{part}.{key}": value.detach().half().contiguous()
-        for part in SDXL_PARTS
+        for part in parts
         for key, value in getattr(pipe, part).state_dict().items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": f"{time.perf_counter() - started:.0f}",
         "configs": json.dumps({"note": "architecture: trainers/tiny_models.py"}),
     }
-    save_weights(pipe, args.output, metadata)
+    save_weights(pipe, SDXL_PARTS, args.output, metadata)
     log(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
     return 0
 

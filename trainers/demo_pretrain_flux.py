@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 
 from trainers import demo_world
-from trainers.demo_pretrain import _pixels, _round_to_fp16, caption_variants, set_mosaic_vae
+from trainers.demo_pretrain import (
+    _pixels,
+    _round_to_fp16,
+    caption_variants,
+    save_weights,
+    set_mosaic_vae,
+)
 from trainers.tiny_flux import (
     DEMO_FLUX_TRANSFORMER_CONFIG,
     DEMO_FLUX_VAE_CONFIG,
@@ -197,22 +203,6 @@ def caption_follow_rate(adapter, count: int = 16, seed: int = 1000) -> float:
         shape = demo_world.colour_fraction(image, scene.colour)
         hits += background >= 0.3 and shape >= 0.04
     return hits / count
-
-
-def save_weights(pipe, parts: tuple[str, ...], path: Path, metadata: dict[str, str]) -> None:
-    """The modules' weights (buffers included: Klein's BatchNorm statistics) in one fp16 safetensors file,
-    keys prefixed by the module's name."""
-    from safetensors.torch import save_file
-
-    from trainers.atomic import atomic_write
-
-    tensors = {
-        f"{part}.{key}": value.detach().half().contiguous()
-        for part in parts
-        for key, value in getattr(pipe, part).state_dict().items()
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def main(argv: list[str] | None = None) -> int:
