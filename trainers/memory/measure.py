@@ -109,17 +109,30 @@ class LiveTensors(TorchDispatchMode):
 @contextlib.contextmanager
 def saved_for_backward(tracker: LiveTensors) -> Iterator[dict[int, int]]:
     """Yields {storage: bytes} of the tensors autograd saves for backward that `tracker` saw being created
-    (weights saved for backward already exist and are counted as weights, not activations)."""
+    and that are still alive when the block ends (weights saved for backward already exist and are
+    counted as weights, not activations)."""
     saved: dict[int, int] = {}
+    storages: dict[int, weakref.ref] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = storage_key(tensor)
         if key in tracker.live:
             saved[key] = tracker.live[key]
+            storages[key] = weakref.ref(tensor.untyped_storage())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield saved
+    drop_freed(saved, storages)
+
+
+def drop_freed(entries: dict[int, int], storages: dict[int, weakref.ref]) -> None:
+    """Remove the entries whose storage was freed. A tensor saved by a part of the graph the loss does not
+    use is freed with it; keeping its entry counted it unless a later storage reused its address, which
+    moved the figure by ~0.5% with the allocator's history."""
+    for key, storage in storages.items():
+        if storage() is None:
+            entries.pop(key, None)
 
 
 class CheckpointInputs:
@@ -131,13 +144,21 @@ class CheckpointInputs:
     def __init__(self, tracker: LiveTensors, emulation: DeviceEmulation) -> None:
         self.tracker = tracker
         self.emulation = emulation
-        self.kept: dict[int, int] = {}
+        self._kept: dict[int, int] = {}
+        self._storages: dict[int, weakref.ref] = {}
+
+    @property
+    def kept(self) -> dict[int, int]:
+        """{storage: bytes} of the checkpointed blocks' inputs still held for backward."""
+        drop_freed(self._kept, self._storages)
+        return self._kept
 
     def __call__(self, function, *args, **kwargs):
         if torch.is_grad_enabled():
             for tensor in tree_leaves((args, kwargs)):
                 if isinstance(tensor, torch.Tensor) and storage_key(tensor) in self.tracker.live:
-                    self.kept[storage_key(tensor)] = self.tracker.live[storage_key(tensor)]
+                    self._kept[storage_key(tensor)] = self.tracker.live[storage_key(tensor)]
+                    self._storages[storage_key(tensor)] = weakref.ref(tensor.untyped_storage())
         return torch.utils.checkpoint.checkpoint(
             self._in_modes(function), *args, use_reentrant=False, **kwargs
         )
