@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +23,11 @@ from safetensors.torch import load_file
 from trainers.demo_world import shows_concept
 
 pytest.importorskip("playwright")
+from browser_helpers import free_port, launch_chromium, needs_chromium  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
-)
+pytestmark = needs_chromium
 
 # The run is far longer than the test: every phase waits for what it needs to see and then stops the run,
 # so a fast machine cannot finish it before Stop, and a slow one never has to finish it.
@@ -44,12 +41,6 @@ FLUX_STEPS = 6
 CLI_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The UI served in-process on a free port, runs and demo files in tmp; yields (url, runs folder)."""
@@ -61,7 +52,7 @@ def server(tmp_path_factory):
         patch.setenv("PPSF_DEMO_DIR", str(tmp / "demo"))  # the trainer children inherit it
         patch.setenv("OMP_NUM_THREADS", "1")  # two OpenMP threads on a busy 2-core machine crawl
         _cli_demo(tmp / "runs")  # the README's first command, before the UI is opened
-        port = _free_port()
+        port = free_port()
         demo = launch(LaunchSettings(port=port, runs_dir=tmp / "runs"), block=False)
         try:
             yield f"http://127.0.0.1:{port}/", tmp / "runs"
@@ -90,16 +81,7 @@ def _cli_demo(runs_dir: Path) -> None:
 def browser_page(server):
     """(page, external request URLs) of a headless chromium that opened the UI."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-            ],
-        )
+        browser = launch_chromium(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         expect.set_options(timeout=30_000)  # a busy 2-core machine queues a click's handler for seconds
         page.set_default_timeout(60_000)

@@ -7,8 +7,6 @@ Needs Debian's chromium (/usr/bin/chromium) and the playwright package; skipped 
 from __future__ import annotations
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +14,10 @@ from app.events_view import MAX_POINTS
 from trainers.events import EVENTS_FILE
 
 pytest.importorskip("playwright")
+from browser_helpers import free_port, launch_chromium, needs_chromium  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
-)
+pytestmark = needs_chromium
 STEPS = 5_000
 TIMEOUT_MS = 120_000
 # points of each drawn line of a plot: one "L" per segment after the first point
@@ -52,15 +48,11 @@ def test_a_long_run_draws_bounded_lines_and_a_later_freeze_rule(tmp_path, monkey
     ]
     path = run_dir / EVENTS_FILE
     path.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     demo = launch(LaunchSettings(port=port, runs_dir=tmp_path / "runs"), block=False)
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
-            )
+            browser = launch_chromium(playwright)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")  # not networkidle: the timer polls
             page.locator("button[data-tab-id=run]").click()

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from browser_helpers import CHROMIUM, NO_CHROMIUM, free_port, launch_chromium
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 SECRET = "s3cr3t-token-value"
 SECRET_TOML = f'[tool.secret]\napi_token = "{SECRET}"\n'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guard")
     presets = tmp / "presets"  # a copy: a broken guard must not overwrite the project's presets
     shutil.copytree(REPO / "presets", presets)
-    port = _free_port()
+    port = free_port()
     settings = LaunchSettings(
         port=port, runs_dir=tmp / "runs", configs_dir=tmp / "configs", presets_dir=presets
     )
@@ -462,7 +455,7 @@ def served_with_auth(tmp_path_factory):
     from launch import LaunchSettings, launch
 
     tmp = tmp_path_factory.mktemp("auth")
-    port = _free_port()
+    port = free_port()
     settings = LaunchSettings(
         port=port, runs_dir=tmp / "runs", configs_dir=tmp / "configs", auth=(USER, PASSWORD)
     )
@@ -559,12 +552,10 @@ def test_browser_tab_logged_out_elsewhere_says_so_and_shows_the_login(served_wit
     and reloads to the login form (in the browser, when chromium and playwright are there)."""
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+        pytest.skip(NO_CHROMIUM)
     url = served_with_auth[0] + "/"
     with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch_chromium(playwright)
         try:
             context = browser.new_context()
             first = context.new_page()
@@ -666,17 +657,15 @@ def test_restore_handler_fills_only_kept_fields(tmp_path):
 def test_browser_form_edits_survive_a_ui_restart(tmp_path):
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+        pytest.skip(NO_CHROMIUM)
     from launch import LaunchSettings, launch
 
-    settings = LaunchSettings(port=_free_port(), runs_dir=tmp_path / "runs", configs_dir=tmp_path / "configs")
+    settings = LaunchSettings(port=free_port(), runs_dir=tmp_path / "runs", configs_dir=tmp_path / "configs")
     url = f"http://127.0.0.1:{settings.port}/"
     demo = launch(settings, block=False)
     try:
         with playwright_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
-            )
+            browser = launch_chromium(playwright)
             try:
                 page = browser.new_page()
                 page.goto(url, wait_until="load")
@@ -736,7 +725,7 @@ def test_an_idle_server_polls_its_queue_gently(tmp_path):
     source = inspect.getsource(Queue)
     for name in QUEUE_IDLE_POLL_SECONDS:  # a Gradio that renamed them would silently poll fast again
         assert f"self.{name}" in source
-    settings = LaunchSettings(port=_free_port(), runs_dir=tmp_path / "runs", configs_dir=tmp_path / "configs")
+    settings = LaunchSettings(port=free_port(), runs_dir=tmp_path / "runs", configs_dir=tmp_path / "configs")
     demo = launch(settings, block=False)
     try:
         for name, seconds in QUEUE_IDLE_POLL_SECONDS.items():

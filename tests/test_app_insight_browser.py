@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("playwright")
+from browser_helpers import free_port, launch_chromium, needs_chromium  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "presets" / "demo.toml"
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"
-)
+pytestmark = needs_chromium
 
 SHORT_STEPS = 32  # the finished run: validated and checkpointed every 8 steps
 VALIDATE_EVERY = 8
@@ -36,12 +33,6 @@ COMMON = [
     f"validation.every_n_steps={VALIDATE_EVERY}",
     "sampling.every_n_steps=0",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _overrides(name: str, runs_dir: Path, steps: int, *extra: str) -> list[str]:
@@ -58,7 +49,7 @@ def server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PPSF_DEMO_DIR", str(tmp / "demo"))  # the trainer children inherit it
         patch.setenv("OMP_NUM_THREADS", "1")
-        port = _free_port()
+        port = free_port()
         demo = launch(LaunchSettings(port=port, runs_dir=tmp / "runs"), block=False)
         try:
             yield f"http://127.0.0.1:{port}/", (tmp / "runs").resolve()
@@ -98,11 +89,7 @@ def controlled_run(server):
 @pytest.fixture(scope="module")
 def page(server):
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        browser = launch_chromium(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield page
         browser.close()

@@ -391,14 +391,12 @@ def test_the_memory_estimate_puts_peak_and_verdict_before_its_table():
 
 
 def test_launch_prints_its_own_flags_not_gradios_share_hint(tmp_path, monkeypatch, capsys):
-    import socket
+    from browser_helpers import free_port
 
     from launch import LaunchSettings, launch
 
     monkeypatch.setenv("PPSF_DEMO_DIR", str(tmp_path / "demo"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     demo = launch(LaunchSettings(port=port, runs_dir=tmp_path / "runs"), block=False)
     demo.close()
     out = capsys.readouterr().out
