@@ -36,7 +36,7 @@ SAMPLE_EVERY = 10
 FREEZE_AFTER = 20
 STEPS_AFTER_RESUME = 10
 RUN_TIMEOUT_MS = 120_000
-CLI_DEMO_STEPS = 300  # the whole demo (under a minute): its last samples show the concept
+CLI_DEMO_STEPS = 300  # the whole demo (about a minute): its last samples show the concept
 FLUX_STEPS = 6
 CLI_TIMEOUT_S = 240
 
