@@ -104,6 +104,19 @@ def test_saved_tensor_hooks_count_what_the_graph_keeps() -> None:
     del loss
 
 
+def test_a_saved_tensor_freed_before_backward_is_not_counted() -> None:
+    """A branch of the graph that the loss does not use frees what it saved: not an activation, whatever
+    address the allocator gives the next storage."""
+    weight = torch.ones(256, requires_grad=True)  # existed before: a weight, not counted
+    tracker = LiveTensors()
+    with tracker, saved_for_backward(tracker) as saved:
+        loss = (weight * 3).sin().sum()  # sin saves its input: 1 KiB, kept for backward
+        unused = (weight * 2).cos()  # saves 1 KiB more, freed with the branch
+        del unused
+    assert sum(saved.values()) == 256 * 4
+    del loss
+
+
 def test_live_tensor_count_agrees_with_the_cpu_allocator() -> None:
     """LiveTensors' peak against the CPU allocator's own records (torch.profiler's memory profile: each
     op's own allocations minus frees, in time order, so transients inside one op are not seen)."""
