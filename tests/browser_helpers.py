@@ -1,22 +1,17 @@
-"""What the tests that serve the UI share: a free local port and Debian's headless chromium (the browser
-tests skip without it or without the playwright package)."""
+"""What the tests that serve the UI share: a free local port (the trainer's own `free_port`) and Debian's
+headless chromium (the browser tests skip without it or without the playwright package)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from trainers.distributed import free_port  # noqa: F401 (for the UI tests)
+
 CHROMIUM = Path("/usr/bin/chromium")
 NO_CHROMIUM = "needs Debian's chromium: apt-get install -y chromium"
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason=NO_CHROMIUM)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_chromium(playwright):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ import pytest
 import torch
 from run_helpers import config_builder
 
+from trainers.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT_S = 240
 
 
 # ---------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _environment(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -54,7 +49,7 @@ def launch(
 ) -> list[int]:
     """Start `command` on `world` processes as a launcher would; their exit codes. Every process is ended
     by the timeout at the latest; logs go to log_dir/rank-N.log."""
-    port = _free_port()
+    port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     processes = []
     try:
@@ -137,7 +132,7 @@ def _optimizer_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path) -> None:
     """2 processes x 8 rows = 1 process x 16 rows with ordinary step(), both with plain DDP and with the
     fused pass (each bucket stepped when its all-reduce completes); d bitwise the same on both ranks."""
-    port = str(_free_port())
+    port = str(free_port())
     outputs = [tmp_path / f"rank-{rank}.json" for rank in range(2)]
     script = [sys.executable, str(Path(__file__).resolve())]
     processes = [
@@ -251,7 +246,7 @@ def test_accelerate_launch_makes_one_run_equal_to_one_process_and_resumable_on_o
     # --multi_gpu is accelerate's torchrun launcher, which also starts CPU processes (gloo)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(_free_port()), "-m", "trainers", "train", str(config)]
+    command += ["--main_process_port", str(free_port()), "-m", "trainers", "train", str(config)]
     env = {k: v for k, v in _environment(0, 1, 0).items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     launched = subprocess.run(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S

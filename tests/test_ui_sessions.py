@@ -4,18 +4,12 @@ gradio_client, which opens a page's heartbeat as a browser does and closes it on
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
 
+from trainers.distributed import free_port
 from trainers.events import EVENTS_FILE
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -40,7 +34,7 @@ def served(tmp_path, monkeypatch):
         for s in range(1, 6)
     ]
     (run_dir / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     demo = launch(LaunchSettings(port=port, runs_dir=tmp_path / "runs"), block=False)
     try:
         yield f"http://127.0.0.1:{port}/", demo
